@@ -1,0 +1,59 @@
+"""flexq: a durable, fair, asyncio- and trio-native job queue that runs in your event loop."""
+
+from __future__ import annotations
+
+from flexq._backoff import Backoff as Backoff
+from flexq._context import Context as Context
+from flexq._errors import DuplicateJob as DuplicateJob
+from flexq._errors import FlexqError as FlexqError
+from flexq._errors import IllegalTransition as IllegalTransition
+from flexq._errors import InvalidArguments as InvalidArguments
+from flexq._errors import JobNotFound as JobNotFound
+from flexq._errors import JobTimeout as JobTimeout
+from flexq._errors import LimitExceeded as LimitExceeded
+from flexq._errors import QueueClosed as QueueClosed
+from flexq._errors import UnknownTask as UnknownTask
+from flexq._errors import WaitTimeout as WaitTimeout
+from flexq._models import JSON as JSON
+from flexq._models import Call as Call
+from flexq._models import JobError as JobError
+from flexq._models import JobId as JobId
+from flexq._models import JobInfo as JobInfo
+from flexq._models import Page as Page
+from flexq._models import Pause as Pause
+from flexq._models import PauseScope as PauseScope
+from flexq._models import QueueStatistics as QueueStatistics
+from flexq._queue import Queue as Queue
+from flexq._states import TRANSITIONS as TRANSITIONS
+from flexq._states import Kind as Kind
+from flexq._states import State as State
+from flexq._task import Task as Task
+
+__all__ = [
+    "JSON",
+    "TRANSITIONS",
+    "Backoff",
+    "Call",
+    "Context",
+    "DuplicateJob",
+    "FlexqError",
+    "IllegalTransition",
+    "InvalidArguments",
+    "JobError",
+    "JobId",
+    "JobInfo",
+    "JobNotFound",
+    "JobTimeout",
+    "Kind",
+    "LimitExceeded",
+    "Page",
+    "Pause",
+    "PauseScope",
+    "Queue",
+    "QueueClosed",
+    "QueueStatistics",
+    "State",
+    "Task",
+    "UnknownTask",
+    "WaitTimeout",
+]

@@ -1,0 +1,112 @@
+"""The context a handler receives when it asks for it by annotation."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from flexq._serialize import dumps
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from flexq._models import JSON, JobId
+    from flexq._queue import Queue
+    from flexq._states import Kind
+    from flexq._store.base import ClaimedJob, OnDuplicate
+    from flexq._task import TaskRef
+
+
+class Context:
+    """What a running job knows about itself and may do.
+
+    A handler gets one by declaring a parameter annotated ``flexq.Context``::
+
+        @queue.task
+        async def reindex(ctx: flexq.Context, shard: int) -> None:
+            ctx.log.info("reindexing", shard=shard)
+            await ctx.enqueue(notify, shard)       # a child job, linked by parent_id
+    """
+
+    def __init__(self, queue: Queue, job: ClaimedJob, owner: str) -> None:
+        self._queue = queue
+        self._job = job
+        self._owner = owner
+        self.children_enqueued = 0
+        """How many jobs this attempt enqueued through :meth:`enqueue`."""
+
+    @property
+    def job_id(self) -> JobId:
+        """The running job's id."""
+        return self._job.id
+
+    @property
+    def tenant(self) -> str:
+        """The tenant the job runs for."""
+        return self._job.tenant
+
+    @property
+    def task(self) -> str:
+        """The task's registered name."""
+        return self._job.task
+
+    @property
+    def kind(self) -> Kind:
+        """The job's kind."""
+        return self._job.kind
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number, starting at 1."""
+        return self._job.attempt
+
+    @property
+    def max_attempts(self) -> int:
+        """How many attempts the job may have in all."""
+        return self._job.max_attempts
+
+    @property
+    def parent_id(self) -> JobId | None:
+        """The job that enqueued this one through its context, if any."""
+        return self._job.parent_id
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """A structlog logger bound with job_id, tenant, task and attempt."""
+        return structlog.get_logger("flexq").bind(
+            job_id=self.job_id, tenant=self.tenant, task=self.task, attempt=self.attempt
+        )
+
+    async def enqueue(
+        self,
+        task: TaskRef,
+        *args: JSON,
+        tenant: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        key: str | None = None,
+        on_duplicate: OnDuplicate = "raise",
+        kwargs: dict[str, JSON] | None = None,
+    ) -> JobId:
+        """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue."""
+        job_id = await self._queue._enqueue_one(
+            task,
+            args,
+            kwargs,
+            tenant=self.tenant if tenant is None else tenant,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            key=key,
+            on_duplicate=on_duplicate,
+            parent_id=self.job_id,
+        )
+        self.children_enqueued += 1
+        return job_id
+
+    async def set_progress(self, progress: JSON) -> None:
+        """Record how far the job got (any JSON value); visible as ``JobInfo.progress``."""
+        await self._queue._store.set_progress(self._owner, self.job_id, dumps(progress, "progress"))

@@ -1,0 +1,126 @@
+"""The dispatcher: decides which jobs this process claims next, fairly between tenants."""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterable
+
+    from flexq._fairness import DeficitRoundRobin
+    from flexq._runner import Runner
+    from flexq._store.base import Store
+    from flexq._throttle import LoadMonitor
+
+log = structlog.get_logger("flexq")
+
+
+class Dispatcher:
+    """Claims ready jobs for free workers, tenant by tenant in deficit round robin order.
+
+    It only claims as many jobs as there are free workers, so a tenant that floods the queue
+    cannot fill a local buffer ahead of others. It wakes at once when this process enqueues or
+    a worker frees up, at the next ``run_at`` of a waiting job, and every ``poll_interval`` to
+    see work that other processes enqueued.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        runner: Runner,
+        owner: str,
+        tasks: Collection[str],
+        fairness: DeficitRoundRobin,
+        monitor: LoadMonitor,
+        clock: Callable[[], float],
+        lease: float,
+        poll_interval: float,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._owner = owner
+        self._tasks = frozenset(tasks)
+        self._fairness = fairness
+        self._monitor = monitor
+        self._clock = clock
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self._wake = anyio.Event()
+        self._next_run_at: float | None = None
+        self._next_poll = 0.0
+        self._stopped = False
+
+    def notify(self, tenants: Iterable[str] = (), run_at: float | None = None) -> None:
+        """Tell the dispatcher about new ready work (tenants) or a job waiting until ``run_at``."""
+        self._fairness.add(tenants)
+        if run_at is not None and (self._next_run_at is None or run_at < self._next_run_at):
+            self._next_run_at = run_at
+        self._wake.set()
+
+    def poll_now(self) -> None:
+        """Look at the store again at once (after a resume, say)."""
+        self._next_poll = 0.0
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more."""
+        self._stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and hand over jobs until stopped or cancelled."""
+        while not self._stopped:
+            await self._sleep()
+            if self._stopped:
+                return
+            if self._monitor.overloaded:
+                await self._monitor.wait_until_clear()
+                continue
+            try:
+                await self._dispatch()
+            except Exception as exc:
+                log.error("dispatch failed, retrying", error=repr(exc))
+                await anyio.sleep(min(self._poll_interval, 1.0))
+
+    async def _sleep(self) -> None:
+        now = self._clock()
+        deadline = self._next_poll
+        if self._next_run_at is not None:
+            deadline = min(deadline, self._next_run_at)
+        wait = deadline - now
+        if self._runner.free_slots and self._fairness:
+            wait = 0.0
+        if wait > 0:
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+        else:
+            await anyio.lowlevel.checkpoint()
+        self._wake = anyio.Event()
+
+    async def _dispatch(self) -> None:
+        now = self._clock()
+        if now >= self._next_poll or (self._next_run_at is not None and self._next_run_at <= now):
+            tenants, self._next_run_at = await self._store.promote(now)
+            self._fairness.add(tenants)
+        if now >= self._next_poll:
+            self._fairness.add(await self._store.ready_tenants())
+            self._next_poll = now + self._poll_interval
+        while not self._stopped and self._fairness and self._runner.free_slots > 0:
+            wanted = self._fairness.allocate(self._runner.free_slots)
+            now = self._clock()
+            jobs = await self._store.claim(self._owner, wanted, self._tasks, now, now + self._lease)
+            if self._stopped:
+                # The queue began to close while we claimed: the runner releases these.
+                self._runner.submit(jobs)
+                return
+            got = collections.Counter(job.tenant for job in jobs)
+            for tenant, count in wanted.items():
+                if got[tenant] < count:
+                    self._fairness.discard(tenant)
+            jobs.sort(key=lambda job: job.order)
+            self._runner.submit(jobs)

@@ -1,0 +1,66 @@
+"""The exceptions flexq raises; every one derives from :class:`FlexqError`."""
+
+from __future__ import annotations
+
+
+class FlexqError(Exception):
+    """Base class of every error flexq raises."""
+
+
+class UnknownTask(FlexqError):
+    """The task name is not registered with this queue."""
+
+
+class InvalidArguments(FlexqError):
+    """Arguments or options of a call are not acceptable (not JSON, wrong signature...)."""
+
+
+class JobNotFound(FlexqError, LookupError):
+    """No job has this id (it never existed, or retention pruned it)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r} (never enqueued, or pruned after retention)")
+        self.job_id = job_id
+
+
+class IllegalTransition(FlexqError):
+    """A job was asked to move between two states that the transition table does not link."""
+
+    def __init__(self, job_id: str | None, source: str, target: str) -> None:
+        who = f"job {job_id!r}" if job_id else "a job"
+        super().__init__(f"{who} cannot go from {source} to {target}")
+        self.job_id = job_id
+        self.source = source
+        self.target = target
+
+
+class DuplicateJob(FlexqError):
+    """A job with the same ``key`` and tenant is not final yet.
+
+    ``existing_id`` is the id of that job.
+    """
+
+    def __init__(self, tenant: str, key: str, existing_id: str) -> None:
+        super().__init__(
+            f"tenant {tenant!r} already has an unfinished job with key {key!r} "
+            f"(id {existing_id!r}); pass on_duplicate='return' to get its id instead"
+        )
+        self.tenant = tenant
+        self.key = key
+        self.existing_id = existing_id
+
+
+class LimitExceeded(FlexqError):
+    """A configured limit would be exceeded; nothing was written."""
+
+
+class QueueClosed(FlexqError):
+    """The queue is not open: use ``async with queue:`` or ``await queue.open()`` first."""
+
+
+class JobTimeout(FlexqError, TimeoutError):
+    """A job attempt ran longer than its task's ``timeout``; recorded as the attempt's error."""
+
+
+class WaitTimeout(FlexqError, TimeoutError):
+    """:meth:`flexq.Queue.wait` gave up before the job reached a final state."""

@@ -1,0 +1,673 @@
+"""The Queue: the one object an application holds."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+import anyio
+
+from flexq._backoff import Backoff
+from flexq._batching import GroupCommit
+from flexq._dispatcher import Dispatcher
+from flexq._errors import (
+    DuplicateJob,
+    FlexqError,
+    InvalidArguments,
+    QueueClosed,
+    UnknownTask,
+    WaitTimeout,
+)
+from flexq._fairness import DeficitRoundRobin
+from flexq._models import Call, JobInfo, Page, Pause, PauseScope, QueueStatistics
+from flexq._runner import Runner
+from flexq._serialize import dumps
+from flexq._states import Kind, State
+from flexq._store.base import EnqueueResult, EnqueueUnit, JobFilter, NewJob, OnDuplicate, Store
+from flexq._store.url import store_from_url
+from flexq._task import Handler, Task, TaskRef, check_priority, make_task
+from flexq._throttle import LoadMonitor
+from flexq._upkeep import Upkeep
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from types import TracebackType
+
+    from flexq._models import JSON, JobId
+    from flexq._store.base import Outcome
+
+R = TypeVar("R")
+R2 = TypeVar("R2")
+
+DEFAULT_TENANT = "default"
+MAX_PAGE = 1000
+
+
+class Queue:
+    """A durable job queue that runs its jobs in this event loop.
+
+    Args:
+        url: ``"sqlite:///flexq.db"`` (the default), ``"memory://"``, or a Store object.
+        workers: how many jobs run at once in this process.
+        lease: seconds a claimed job is held before another process may take it over, unless
+            renewed (this process renews every third of it while the job runs).
+        poll_interval: how often to look for work enqueued by other processes, in seconds.
+        grace_period: how long leaving ``async with`` waits for running jobs before it cancels
+            them and returns them to the queue.
+        retention: how long final jobs stay queryable before the pruner deletes them.
+        prune_interval: seconds between pruning passes.
+        max_loop_lag: claim no new jobs while the event loop lags more than this (seconds);
+            None disables the check.
+        load_probe: optional callable; while it returns True, claim no new jobs (e.g. a CPU or
+            memory check of the host).
+        backoff: the default wait between attempts of failed jobs.
+        weights: fair-share weight per tenant (default 1.0; 2.0 gets twice the workers).
+        max_lease_expiries: a job whose lease expired this many times (its process keeps dying)
+            ends FAILED instead of being run again.
+        clock: the time source (epoch seconds) for timestamps; tests may replace it.
+    """
+
+    def __init__(
+        self,
+        url: str | Store = "sqlite:///flexq.db",
+        *,
+        workers: int = 8,
+        lease: float = 10.0,
+        poll_interval: float = 0.25,
+        grace_period: float = 10.0,
+        retention: float | timedelta = timedelta(days=7),
+        prune_interval: float = 60.0,
+        max_loop_lag: float | None = 0.1,
+        load_probe: Callable[[], bool] | None = None,
+        backoff: Backoff | None = None,
+        weights: Mapping[str, float] | None = None,
+        max_lease_expiries: int = 3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        retention_seconds = (
+            retention.total_seconds() if isinstance(retention, timedelta) else retention
+        )
+        _check_count("workers", workers, 1)
+        _check_count("max_lease_expiries", max_lease_expiries, 1)
+        for name, value in (
+            ("lease", lease), ("poll_interval", poll_interval), ("retention", retention_seconds),
+            ("prune_interval", prune_interval),
+        ):  # fmt: skip
+            _check_seconds(name, value, allow_zero=False)
+        _check_seconds("grace_period", grace_period, allow_zero=True)
+        if max_loop_lag is not None:
+            _check_seconds("max_loop_lag", max_loop_lag, allow_zero=False)
+        self._store: Store = store_from_url(url) if isinstance(url, str) else url
+        self.workers = workers
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.grace_period = grace_period
+        self.retention = retention_seconds
+        self.prune_interval = prune_interval
+        self.backoff = backoff or Backoff()
+        self.max_lease_expiries = max_lease_expiries
+        self._weights = dict(weights or {})
+        DeficitRoundRobin(self._weights)  # validates the weights now, not when the queue opens
+        self._max_loop_lag = max_loop_lag
+        self._load_probe = load_probe
+        self._clock = clock
+        self._tasks: dict[str, Task[Any]] = {}
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._enqueuer: GroupCommit[EnqueueUnit, EnqueueResult] = GroupCommit(self._write_units)
+        self._waiters: dict[JobId, anyio.Event] = {}
+        self._open = False
+        self._group: anyio.abc.TaskGroup | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._dispatcher_done: anyio.Event | None = None
+        self._runner: Runner | None = None
+        self._monitor: LoadMonitor | None = None
+        self._upkeep: Upkeep | None = None
+
+    def __repr__(self) -> str:
+        return f"<flexq.Queue {self._store!r} workers={self.workers}>"
+
+    @property
+    def store(self) -> Store:
+        """The store this queue keeps its jobs in."""
+        return self._store
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any]]:
+        """The registered tasks by name."""
+        return dict(self._tasks)
+
+    # -- registration -----------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Handler[R], /) -> Task[R]: ...
+    @overload
+    def task(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+        kind: Kind | Literal["future", "queueable"] = Kind.QUEUEABLE,
+        backoff: Backoff | None = None,
+    ) -> Callable[[Handler[R2]], Task[R2]]: ...
+    def task(
+        self,
+        fn: Handler[R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+        kind: Kind | Literal["future", "queueable"] = Kind.QUEUEABLE,
+        backoff: Backoff | None = None,
+    ) -> Task[R] | Callable[[Handler[R2]], Task[R2]]:
+        """Register an ``async def`` as a task (a decorator, with or without options).
+
+        Args:
+            name: the name jobs refer to it by (default: ``module.qualname``).
+            retries: extra attempts after a failed one (with ``backoff`` between them).
+            timeout: seconds an attempt may run before it is cancelled and counts as failed.
+            priority: default priority of its jobs; higher runs first within a tenant.
+            kind: ``"queueable"`` (result kept, may chain children) or ``"future"``
+                (fire-and-forget; runs before queueable jobs of equal priority).
+            backoff: wait between attempts, instead of the queue's.
+        """
+
+        def register(handler: Handler[R2]) -> Task[R2]:
+            task = make_task(
+                handler, name=name, kind=kind, retries=retries, timeout=timeout,
+                priority=priority, backoff=backoff,
+            )  # fmt: skip
+            if task.name in self._tasks:
+                raise InvalidArguments(f"a task named {task.name!r} is already registered")
+            self._tasks[task.name] = task
+            return task
+
+        if fn is None:
+            return register
+        return register(fn)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the store so this process can enqueue and query (no workers run)."""
+        if self._open:
+            raise FlexqError("the queue is already open")
+        await self._store.open()
+        self._open = True
+
+    async def close(self) -> None:
+        """Close the store; the queue may be opened again."""
+        if not self._open:
+            return
+        self._open = False
+        await self._store.close()
+
+    async def __aenter__(self) -> Queue:
+        await self.open()
+        try:
+            await self._start_workers()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._stop_workers()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+
+    async def _start_workers(self) -> None:
+        monitor = LoadMonitor(self._max_loop_lag, self._load_probe)
+        runner = Runner(
+            queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
+            workers=self.workers, backoff=self.backoff, clock=self._clock,
+            on_slot_free=self._slot_freed, on_written=self._outcomes_written,
+        )  # fmt: skip
+        dispatcher = Dispatcher(
+            store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
+            fairness=DeficitRoundRobin(self._weights), monitor=monitor, clock=self._clock,
+            lease=self.lease, poll_interval=self.poll_interval,
+        )  # fmt: skip
+        upkeep = Upkeep(
+            store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,
+            max_lease_expiries=self.max_lease_expiries, retention=self.retention,
+            prune_interval=self.prune_interval, on_abort_requested=self._abort_held,
+            on_recovered=dispatcher.poll_now,
+        )  # fmt: skip
+        self._monitor, self._runner, self._dispatcher, self._upkeep = (
+            monitor,
+            runner,
+            dispatcher,
+            upkeep,
+        )
+        self._dispatcher_done = anyio.Event()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        await upkeep.recover()
+        await group.start(runner.run)
+        if monitor.enabled:
+            group.start_soon(monitor.run)
+        group.start_soon(upkeep.renew_forever)
+        group.start_soon(upkeep.recover_forever)
+        group.start_soon(upkeep.prune_forever)
+        group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
+
+    @staticmethod
+    async def _dispatch(dispatcher: Dispatcher, done: anyio.Event) -> None:
+        try:
+            await dispatcher.run()
+        finally:
+            done.set()
+
+    async def _stop_workers(self) -> None:
+        group, runner, dispatcher = self._group, self._runner, self._dispatcher
+        if group is None or runner is None or dispatcher is None or self._dispatcher_done is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                dispatcher.stop()
+                await self._dispatcher_done.wait()
+                await runner.drain(self.grace_period)
+        finally:
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
+            self._group = self._runner = self._dispatcher = self._upkeep = None
+
+    def _slot_freed(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.notify()
+
+    def _outcomes_written(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            if outcome.state.is_final:
+                self._job_finished(outcome.job_id)
+            elif outcome.release or self._dispatcher is None:
+                continue
+            elif outcome.state is State.SCHEDULED:
+                self._dispatcher.notify(run_at=outcome.run_at)
+            else:
+                self._dispatcher.poll_now()
+
+    def _job_finished(self, job_id: JobId) -> None:
+        event = self._waiters.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def _abort_held(self, job_ids: list[JobId]) -> None:
+        if self._runner is not None:
+            for job_id in job_ids:
+                self._runner.abort(job_id)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise QueueClosed(
+                "the queue is not open: use `async with queue:` or `await queue.open()`"
+            )
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        task: TaskRef,
+        *args: JSON,
+        tenant: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        key: str | None = None,
+        on_duplicate: OnDuplicate = "raise",
+        kwargs: Mapping[str, JSON] | None = None,
+    ) -> JobId:
+        """Store a job durably and return its id; a worker runs it when its turn comes.
+
+        Args:
+            task: the task object or its registered name.
+            args: positional arguments for the handler (JSON values).
+            tenant: whose job it is, for fairness and control (default ``"default"``).
+            priority: higher runs first within the tenant (default: the task's).
+            delay: seconds to wait before the job may run; or give ``run_at``.
+            run_at: an aware datetime before which the job does not run.
+            key: a deduplication key: while a job of the tenant with this key is not final,
+                enqueue raises :class:`DuplicateJob` (or returns its id if ``on_duplicate`` is
+                ``"return"``).
+            kwargs: keyword arguments for the handler (JSON values).
+
+        Raises:
+            UnknownTask, InvalidArguments, DuplicateJob, QueueClosed. Nothing is written then.
+        """
+        return await self._enqueue_one(
+            task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
+            key=key, on_duplicate=on_duplicate, parent_id=None,
+        )  # fmt: skip
+
+    async def enqueue_many(
+        self,
+        calls: Sequence[Call],
+        *,
+        tenant: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        on_duplicate: OnDuplicate = "raise",
+    ) -> list[JobId]:
+        """Enqueue many calls in one transaction: all are written, or none.
+
+        Options given here apply to every call unless the call sets its own with
+        :meth:`Call.with_options`. Returns the ids in the order of ``calls``.
+        """
+        self._check_open()
+        _check_on_duplicate(on_duplicate)
+        defaults = {"tenant": tenant, "priority": priority, "delay": delay, "run_at": run_at}
+        now = self._clock()
+        jobs = []
+        for call in calls:
+            if not isinstance(call, Call):
+                raise InvalidArguments(f"enqueue_many takes flexq.Call objects, not {call!r}")
+            options = {**defaults, **call.options}
+            jobs.append(self._new_job(call.task, call.args, call.kwargs, now=now,
+                                      parent_id=None, **options))  # fmt: skip
+        if not jobs:
+            return []
+        return await self._submit(jobs, on_duplicate)
+
+    async def _enqueue_one(
+        self,
+        task: TaskRef,
+        args: tuple[JSON, ...],
+        kwargs: Mapping[str, JSON] | None,
+        *,
+        tenant: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        key: str | None,
+        on_duplicate: OnDuplicate,
+        parent_id: JobId | None,
+    ) -> JobId:
+        self._check_open()
+        _check_on_duplicate(on_duplicate)
+        job = self._new_job(
+            task, args, kwargs or {}, tenant=tenant, priority=priority, delay=delay,
+            run_at=run_at, key=key, parent_id=parent_id, now=self._clock(),
+        )  # fmt: skip
+        (job_id,) = await self._submit([job], on_duplicate)
+        return job_id
+
+    async def _submit(self, jobs: list[NewJob], on_duplicate: OnDuplicate) -> list[JobId]:
+        result = await self._enqueuer.submit(EnqueueUnit(jobs, on_duplicate))
+        if isinstance(result, DuplicateJob):
+            raise result
+        if self._dispatcher is not None:
+            now = self._clock()
+            ready = {job.tenant for job in jobs if job.run_at <= now}
+            later = [job.run_at for job in jobs if job.run_at > now]
+            self._dispatcher.notify(ready, min(later) if later else None)
+        return result
+
+    async def _write_units(self, units: list[EnqueueUnit]) -> list[EnqueueResult]:
+        return await self._store.enqueue(units, self._clock())
+
+    def _resolve(self, task: TaskRef) -> Task[Any]:
+        name = task if isinstance(task, str) else getattr(task, "name", None)
+        registered = self._tasks.get(name) if isinstance(name, str) else None
+        if registered is None or (not isinstance(task, str) and registered is not task):
+            raise UnknownTask(
+                f"task {name or task!r} is not registered with this queue:"
+                " decorate it with @queue.task"
+            )
+        return registered
+
+    def _new_job(
+        self,
+        task: TaskRef,
+        args: tuple[JSON, ...],
+        kwargs: Mapping[str, JSON],
+        *,
+        tenant: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        key: str | None = None,
+        parent_id: JobId | None,
+        now: float,
+    ) -> NewJob:
+        spec = self._resolve(task)
+        spec.check_arguments(args, dict(kwargs))
+        tenant = DEFAULT_TENANT if tenant is None else tenant
+        if not isinstance(tenant, str) or not tenant or len(tenant) > 256:
+            raise InvalidArguments(f"tenant must be a non-empty string of <= 256 chars: {tenant!r}")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+            raise InvalidArguments(f"key must be a non-empty string of <= 512 chars: {key!r}")
+        return NewJob(
+            id=os.urandom(16).hex(),
+            task=spec.name,
+            kind=spec.kind,
+            tenant=tenant,
+            priority=spec.priority if priority is None else check_priority(priority),
+            args=dumps(list(args), "task arguments"),
+            kwargs=dumps(dict(kwargs), "task keyword arguments"),
+            max_attempts=spec.max_attempts,
+            timeout=spec.timeout,
+            run_at=_start_time(now, delay, run_at),
+            key=key,
+            parent_id=parent_id,
+        )
+
+    # -- queries ----------------------------------------------------------------------------
+
+    async def get(self, job_id: JobId) -> JobInfo:
+        """The job as it is now. Raises JobNotFound."""
+        self._check_open()
+        return await self._store.get(job_id)
+
+    async def wait(self, job_id: JobId, timeout: float | None = None) -> JobInfo:
+        """Wait until the job is final and return it.
+
+        Jobs that this process runs are seen at once; others every ``poll_interval``.
+
+        Raises:
+            JobNotFound, or WaitTimeout after ``timeout`` seconds.
+        """
+        self._check_open()
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while True:
+                event = self._waiters.setdefault(job_id, anyio.Event())
+                info = await self._store.get(job_id)
+                if info.is_final:
+                    return info
+                with anyio.move_on_after(self.poll_interval):
+                    await event.wait()
+        raise WaitTimeout(f"job {job_id!r} was not final after {timeout} s")
+
+    async def jobs(
+        self,
+        *,
+        tenant: str | None = None,
+        state: State | str | None = None,
+        kind: Kind | str | None = None,
+        task: TaskRef | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        offset: int = 0,
+    ) -> Page:
+        """Jobs that match every filter given, oldest first, one page at a time.
+
+        Page with ``cursor=page.next_cursor`` (stable while jobs are added) or with ``offset``.
+        """
+        self._check_open()
+        _check_count("limit", limit, 1, MAX_PAGE)
+        _check_count("offset", offset, 0)
+        after_seq = None
+        if cursor is not None:
+            try:
+                after_seq = int(cursor)
+            except ValueError:
+                raise InvalidArguments(f"not a cursor from Page.next_cursor: {cursor!r}") from None
+        where = self._filter(tenant, state, kind, task, created_after, created_before)
+        rows = await self._store.jobs(where, after_seq=after_seq, offset=offset, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = str(rows[-1][0]) if more else None
+        return Page(items=tuple(info for _, info in rows), next_cursor=next_cursor)
+
+    async def counts(
+        self,
+        *,
+        tenant: str | None = None,
+        kind: Kind | str | None = None,
+        task: TaskRef | None = None,
+    ) -> dict[State, int]:
+        """How many jobs are in each state (every state is present, zero or not)."""
+        self._check_open()
+        where = self._filter(tenant, None, kind, task, None, None)
+        found = await self._store.counts(where)
+        return {state: found.get(state, 0) for state in State}
+
+    def _filter(
+        self,
+        tenant: str | None,
+        state: State | str | None,
+        kind: Kind | str | None,
+        task: TaskRef | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+    ) -> JobFilter:
+        try:
+            state = None if state is None else State(state)
+            kind = None if kind is None else Kind(kind)
+        except ValueError as exc:
+            raise InvalidArguments(str(exc)) from None
+        return JobFilter(
+            tenant=tenant,
+            state=state,
+            kind=kind,
+            task=task if task is None or isinstance(task, str) else task.name,
+            created_after=None if created_after is None else _timestamp(created_after),
+            created_before=None if created_before is None else _timestamp(created_before),
+        )
+
+    def statistics(self) -> QueueStatistics:
+        """A snapshot of this process's workers and dispatcher."""
+        runner, monitor = self._runner, self._monitor
+        counters = runner.counters if runner is not None else None
+        return QueueStatistics(
+            workers=self.workers,
+            running=runner.in_flight if runner is not None else 0,
+            claimed=counters.claimed if counters else 0,
+            completed=counters.completed if counters else 0,
+            failed=counters.failed if counters else 0,
+            retried=counters.retried if counters else 0,
+            aborted=counters.aborted if counters else 0,
+            loop_lag=monitor.lag if monitor is not None else 0.0,
+            throttled=monitor.overloaded if monitor is not None else False,
+            throttle_events=monitor.episodes if monitor is not None else 0,
+        )
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def abort(self, job_id: JobId) -> State:
+        """Abort a job that is not final.
+
+        A waiting job ends ABORTED at once and never runs. A running job is cancelled by its
+        worker (at once in this process, within a third of ``lease`` in another) and then ends
+        ABORTED. Returns the job's state after the call.
+
+        Raises:
+            JobNotFound; IllegalTransition if the job is already final.
+        """
+        self._check_open()
+        state = await self._store.request_abort(job_id, self._clock())
+        if state is State.ABORTED:
+            self._job_finished(job_id)
+        else:
+            self._abort_held([job_id])
+        return state
+
+    async def pause(self, *, tenant: str | None = None, task: TaskRef | None = None) -> bool:
+        """Stop claiming new jobs of a tenant, of a task, or (with neither) of the whole queue.
+
+        Running jobs go on. The pause is stored, so every process sharing the store obeys it
+        until :meth:`resume`. Returns whether it was not paused already.
+        """
+        self._check_open()
+        scope, name = self._pause_target(tenant, task)
+        return await self._store.set_pause(scope, name, True, self._clock())
+
+    async def resume(self, *, tenant: str | None = None, task: TaskRef | None = None) -> bool:
+        """Lift a pause set by :meth:`pause` with the same arguments; return whether one was."""
+        self._check_open()
+        scope, name = self._pause_target(tenant, task)
+        changed = await self._store.set_pause(scope, name, False, self._clock())
+        if self._dispatcher is not None:
+            self._dispatcher.poll_now()
+        return changed
+
+    async def paused(self) -> list[Pause]:
+        """Every pause in force."""
+        self._check_open()
+        return await self._store.pauses()
+
+    @staticmethod
+    def _pause_target(tenant: str | None, task: TaskRef | None) -> tuple[PauseScope, str]:
+        if tenant is not None and task is not None:
+            raise InvalidArguments("pause a tenant or a task, not both at once")
+        if tenant is not None:
+            return PauseScope.TENANT, tenant
+        if task is not None:
+            return PauseScope.TASK, task if isinstance(task, str) else task.name
+        return PauseScope.QUEUE, ""
+
+
+def _check_count(name: str, value: object, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):  # type: ignore[operator]
+        bound = f" and <= {high}" if high is not None else ""
+        raise InvalidArguments(f"{name} must be an int >= {low}{bound}, not {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):  # type: ignore[arg-type, operator]
+        raise InvalidArguments(f"{name} must be a positive number of seconds, not {value!r}")
+
+
+def _check_on_duplicate(on_duplicate: object) -> None:
+    if on_duplicate not in ("raise", "return"):
+        raise InvalidArguments(f"on_duplicate must be 'raise' or 'return', not {on_duplicate!r}")
+
+
+def _timestamp(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        raise InvalidArguments(f"use an aware datetime (with tzinfo), not {moment!r}")
+    return moment.timestamp()
+
+
+def _start_time(now: float, delay: float | None, run_at: datetime | None) -> float:
+    if delay is not None and run_at is not None:
+        raise InvalidArguments("give delay or run_at, not both")
+    if delay is not None:
+        _check_seconds("delay", delay, allow_zero=True)
+        return now + delay
+    if run_at is not None:
+        if not isinstance(run_at, datetime):
+            raise InvalidArguments(f"run_at must be a datetime, not {run_at!r}")
+        return _timestamp(run_at)
+    return now

@@ -1,0 +1,259 @@
+"""The runner: long-lived worker tasks that execute claimed jobs and report how they ended."""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from flexq._context import Context
+from flexq._errors import JobTimeout
+from flexq._serialize import dumps, loads
+from flexq._states import Kind, State
+from flexq._store.base import ClaimedJob, Outcome, error_record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from flexq._backoff import Backoff
+    from flexq._models import JobId
+    from flexq._queue import Queue
+    from flexq._store.base import Store
+    from flexq._task import Task
+
+log = structlog.get_logger("flexq")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Attempt:
+    job: ClaimedJob
+    scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
+    started: bool = False
+    stop: str | None = None
+    """Why the attempt was cancelled from outside: "abort" or "shutdown"."""
+
+    def cancel(self, reason: str) -> None:
+        if self.stop is None:
+            self.stop = reason
+            self.scope.cancel()
+
+
+@dataclasses.dataclass(slots=True)
+class RunnerCounters:
+    """What the runner has done since it started."""
+
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    aborted: int = 0
+
+
+class Runner:
+    """Executes jobs on a fixed pool of worker tasks and reports outcomes in group commits.
+
+    A job's outcome is handed to the reporter and the worker moves on at once; until the
+    outcome is written the job stays under this process's lease, so a crash in between re-runs
+    it (at-least-once) and never loses it.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: Queue,
+        store: Store,
+        owner: str,
+        tasks: Mapping[str, Task[Any]],
+        workers: int,
+        backoff: Backoff,
+        clock: Callable[[], float],
+        on_slot_free: Callable[[], None],
+        on_written: Callable[[list[Outcome]], None],
+    ) -> None:
+        self._queue = queue
+        self._store = store
+        self._owner = owner
+        self._tasks = tasks
+        self.workers = workers
+        self._backoff = backoff
+        self._clock = clock
+        self._on_slot_free = on_slot_free
+        self._on_written = on_written
+        self._send, self._receive = anyio.create_memory_object_stream[ClaimedJob](workers)
+        self._in_flight = 0
+        self._idle = anyio.Event()
+        self._held: dict[JobId, _Attempt] = {}
+        self._outbox: list[Outcome] = []
+        self._outbox_ready = anyio.Event()
+        self._report_lock = anyio.Lock()
+        self.counters = RunnerCounters()
+
+    @property
+    def free_slots(self) -> int:
+        """Workers that have no job, counting jobs already handed over as taken."""
+        return self.workers - self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs this runner holds: handed over and not yet reported."""
+        return self._in_flight
+
+    def submit(self, jobs: list[ClaimedJob]) -> None:
+        """Hand claimed jobs to the workers; never more than :attr:`free_slots`."""
+        for job in jobs:
+            self._in_flight += 1
+            if self._idle.is_set():
+                self._idle = anyio.Event()
+            self._held[job.id] = _Attempt(job)
+            self._send.send_nowait(job)
+        self.counters.claimed += len(jobs)
+
+    def abort(self, job_id: JobId) -> bool:
+        """Cancel the job if this runner holds it; return whether it did."""
+        attempt = self._held.get(job_id)
+        if attempt is None:
+            return False
+        attempt.cancel("abort")
+        return True
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the workers and the reporter until cancelled."""
+        async with anyio.create_task_group() as group:
+            for _ in range(self.workers):
+                group.start_soon(self._work)
+            group.start_soon(self._report_forever)
+            task_status.started()
+
+    async def drain(self, grace_period: float) -> None:
+        """Stop taking jobs, let running ones finish for ``grace_period``, release the rest."""
+        self._send.close()
+        for attempt in list(self._held.values()):
+            if not attempt.started:
+                attempt.cancel("shutdown")
+        if self._in_flight:
+            with anyio.move_on_after(grace_period):
+                await self._idle.wait()
+        for attempt in list(self._held.values()):
+            attempt.cancel("shutdown")
+        if self._in_flight:
+            await self._idle.wait()
+        await self._report()
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        async for job in self._receive:
+            outcome = await self._execute(job)
+            self._outbox.append(outcome)
+            self._outbox_ready.set()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+            self._on_slot_free()
+
+    async def _execute(self, job: ClaimedJob) -> Outcome:
+        attempt = self._held[job.id]
+        result: str | None = None
+        error: BaseException | None = None
+        try:
+            if attempt.stop is None:
+                attempt.started = True
+                result, error = await self._call(attempt)
+        finally:
+            del self._held[job.id]
+        if attempt.stop == "shutdown":
+            return Outcome(job.id, State.QUEUED, release=True)
+        if attempt.stop == "abort":
+            self.counters.aborted += 1
+            log.info("job aborted", job_id=job.id, tenant=job.tenant, task=job.task,
+                     attempt=job.attempt)  # fmt: skip
+            return Outcome(job.id, State.ABORTED)
+        if error is None:
+            self.counters.completed += 1
+            return Outcome(job.id, State.COMPLETED, result=result)
+        return self._failure(job, error)
+
+    async def _call(self, attempt: _Attempt) -> tuple[str | None, BaseException | None]:
+        job = attempt.job
+        task = self._tasks[job.task]
+        try:
+            with attempt.scope:
+                context = None
+                if task.context_parameter is not None:
+                    context = Context(self._queue, job, self._owner)
+                args, kwargs = task.arguments(context, loads(job.args), loads(job.kwargs))
+                if job.timeout is None:
+                    value = await task.fn(*args, **kwargs)
+                else:
+                    with anyio.move_on_after(job.timeout) as limit:
+                        value = await task.fn(*args, **kwargs)
+                    if limit.cancelled_caught:
+                        raise JobTimeout(
+                            f"attempt {job.attempt} ran over its {job.timeout} s timeout"
+                        )
+                if job.kind is Kind.FUTURE:
+                    return None, None
+                return dumps(value, "a task's return value"), None
+        except Exception as exc:
+            return None, exc
+        return None, None
+
+    def _failure(self, job: ClaimedJob, error: BaseException) -> Outcome:
+        now = self._clock()
+        task = self._tasks[job.task]
+        record = dumps(
+            error_record(
+                _qualified_name(type(error)),
+                str(error),
+                "".join(traceback.format_exception(error)),
+                job.attempt,
+                now,
+            ),
+            "error",
+        )
+        fields = {"job_id": job.id, "tenant": job.tenant, "task": job.task, "attempt": job.attempt}
+        if job.attempt < job.max_attempts:
+            delay = (task.backoff or self._backoff).delay(job.attempt)
+            self.counters.retried += 1
+            log.warning("job attempt failed, will retry", delay=round(delay, 3),
+                        error=repr(error), **fields)  # fmt: skip
+            state = State.SCHEDULED if delay > 0 else State.QUEUED
+            return Outcome(job.id, state, error=record, run_at=now + delay)
+        self.counters.failed += 1
+        log.error("job failed", error=repr(error), **fields)
+        return Outcome(job.id, State.FAILED, error=record)
+
+    # -- reporting --------------------------------------------------------------------------
+
+    async def _report_forever(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = anyio.Event()
+            await self._report()
+
+    async def _report(self) -> None:
+        async with self._report_lock:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    with anyio.CancelScope(shield=True):
+                        written = set(await self._store.report(self._owner, batch, self._clock()))
+                except Exception as exc:
+                    log.error("could not report job outcomes, retrying", error=repr(exc),
+                              jobs=len(batch))  # fmt: skip
+                    self._outbox[:0] = batch
+                    await anyio.sleep(0.5)
+                    continue
+                self._on_written([outcome for outcome in batch if outcome.job_id in written])
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("flexq."):
+        module = "flexq"
+    return f"{module}.{cls.__qualname__}"

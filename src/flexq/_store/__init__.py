@@ -1,0 +1,1 @@
+"""Stores: where jobs live. Only this package knows SQL."""

@@ -1,0 +1,155 @@
+"""Registered tasks: the only code a job can run."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from flexq._context import Context
+from flexq._errors import InvalidArguments
+from flexq._states import Kind
+
+if typing.TYPE_CHECKING:
+    from flexq._backoff import Backoff
+
+R = TypeVar("R")
+
+Handler: TypeAlias = Callable[..., Awaitable[R]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Task(Generic[R]):
+    """An ``async def`` registered with a queue under a name, with its job options.
+
+    Calling the task calls the function directly (no job is created); use
+    ``queue.enqueue(task, ...)`` to run it as a job.
+    """
+
+    name: str
+    fn: Handler[R]
+    kind: Kind
+    retries: int
+    timeout: float | None
+    priority: int
+    backoff: Backoff | None
+    context_parameter: str | None
+    """The parameter that receives the job's :class:`flexq.Context`, if any."""
+    signature: inspect.Signature
+    """The function's signature without the context parameter: what a job's arguments bind to."""
+    context_position: int | None
+    """Where the context goes among positional arguments (None: by keyword)."""
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts a job of this task gets: one plus its retries."""
+        return self.retries + 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+    def arguments(
+        self, context: Context | None, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The positional and keyword arguments to call ``fn`` with, context included."""
+        if self.context_parameter is None:
+            return args, kwargs
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call_args, call_kwargs = list(bound.args), dict(bound.kwargs)
+        if self.context_position is None:
+            call_kwargs[self.context_parameter] = context
+        else:
+            call_args.insert(self.context_position, context)
+        return call_args, call_kwargs
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise :class:`InvalidArguments` unless the arguments fit the function."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(
+                f"arguments do not fit task {self.name!r}{self.signature}: {exc}"
+            ) from None
+
+
+TaskRef: TypeAlias = "Task[Any] | str"
+"""A task given by its object or its registered name."""
+
+
+def make_task(
+    fn: Handler[R],
+    *,
+    name: str | None,
+    kind: Kind | str,
+    retries: int,
+    timeout: float | None,
+    priority: int,
+    backoff: Backoff | None,
+) -> Task[R]:
+    """Validate a handler and its options into a :class:`Task`."""
+    if not inspect.iscoroutinefunction(fn):
+        raise InvalidArguments(f"{fn!r} is not an async function: a task must be `async def`")
+    try:
+        job_kind = Kind(kind)
+    except ValueError:
+        raise InvalidArguments(f"kind must be 'future' or 'queueable', not {kind!r}") from None
+    if job_kind not in (Kind.FUTURE, Kind.QUEUEABLE):
+        raise InvalidArguments(f"kind must be 'future' or 'queueable', not {kind!r}")
+    if not _is_int(retries) or retries < 0:
+        raise InvalidArguments(f"retries must be an int >= 0, not {retries!r}")
+    if timeout is not None and not (_is_number(timeout) and 0 < timeout < math.inf):
+        raise InvalidArguments(f"timeout must be a positive number of seconds, not {timeout!r}")
+    check_priority(priority)
+    task_name = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
+    if not isinstance(task_name, str) or not task_name:
+        raise InvalidArguments(f"a task name must be a non-empty string, not {task_name!r}")
+    context_parameter = _context_parameter(fn)
+    signature = inspect.signature(fn)
+    context_position = None
+    if context_parameter is not None:
+        parameters = list(signature.parameters.values())
+        names = [p.name for p in parameters]
+        context = parameters[names.index(context_parameter)]
+        if context.kind in (context.POSITIONAL_ONLY, context.POSITIONAL_OR_KEYWORD):
+            context_position = names.index(context_parameter)
+        signature = signature.replace(
+            parameters=[p for p in parameters if p.name != context_parameter]
+        )
+    return Task(
+        name=task_name, fn=fn, kind=job_kind, retries=retries, timeout=timeout,
+        priority=priority, backoff=backoff, context_parameter=context_parameter,
+        signature=signature, context_position=context_position,
+    )  # fmt: skip
+
+
+def check_priority(priority: object) -> int:
+    """Return ``priority`` if it is a valid job priority, else raise InvalidArguments."""
+    if not _is_int(priority) or not -(2**31) <= priority < 2**31:  # type: ignore[operator]
+        raise InvalidArguments(f"priority must be an int in [-2**31, 2**31), not {priority!r}")
+    return priority  # type: ignore[return-value]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _context_parameter(fn: Callable[..., Any]) -> str | None:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    for parameter in inspect.signature(fn).parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, Context):
+            return parameter.name
+        if isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Context":
+            return parameter.name
+    return None

@@ -1,0 +1,60 @@
+"""Host-load watching: the queue yields to the application it is embedded in."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class LoadMonitor:
+    """Measures event-loop lag and says when job claiming should pause.
+
+    Every ``interval`` it sleeps and measures how late it woke up. While that lag is above
+    ``max_lag`` (or ``probe()`` returns True, e.g. a CPU or memory check), the host is busy and
+    :attr:`overloaded` is True.
+    """
+
+    def __init__(
+        self,
+        max_lag: float | None,
+        probe: Callable[[], bool] | None = None,
+        interval: float = 0.02,
+    ) -> None:
+        self.max_lag = max_lag
+        self.probe = probe
+        self.interval = interval
+        self.lag = 0.0
+        self.overloaded = False
+        self.episodes = 0
+        self._clear = anyio.Event()
+        self._clear.set()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is anything to watch."""
+        return self.max_lag is not None or self.probe is not None
+
+    async def run(self) -> None:
+        """Measure forever."""
+        while True:
+            before = anyio.current_time()
+            await anyio.sleep(self.interval)
+            self.lag = max(0.0, anyio.current_time() - before - self.interval)
+            busy = (self.max_lag is not None and self.lag > self.max_lag) or bool(
+                self.probe and self.probe()
+            )
+            if busy and not self.overloaded:
+                self.overloaded = True
+                self.episodes += 1
+                self._clear = anyio.Event()
+            elif not busy and self.overloaded:
+                self.overloaded = False
+                self._clear.set()
+
+    async def wait_until_clear(self) -> None:
+        """Return once the host is no longer overloaded."""
+        await self._clear.wait()

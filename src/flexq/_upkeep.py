@@ -1,0 +1,102 @@
+"""Background upkeep: lease renewal, recovery of jobs whose worker died, and retention."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flexq._models import JobId
+    from flexq._store.base import Store
+
+log = structlog.get_logger("flexq")
+
+PRUNE_BATCH = 500
+
+
+class Upkeep:
+    """The loops that keep leases alive, rescue expired ones, and prune old jobs."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        owner: str,
+        clock: Callable[[], float],
+        lease: float,
+        max_lease_expiries: int,
+        retention: float,
+        prune_interval: float,
+        on_abort_requested: Callable[[list[JobId]], None],
+        on_recovered: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._owner = owner
+        self._clock = clock
+        self._lease = lease
+        self._max_lease_expiries = max_lease_expiries
+        self._retention = retention
+        self._prune_interval = prune_interval
+        self._on_abort_requested = on_abort_requested
+        self._on_recovered = on_recovered
+        self.pruned = 0
+
+    async def renew_forever(self) -> None:
+        """Extend this process's leases every third of a lease; pass on abort requests."""
+        while True:
+            await anyio.sleep(self._lease / 3)
+            try:
+                aborted = await self._store.renew(self._owner, self._clock() + self._lease)
+            except Exception as exc:
+                log.error("could not renew leases", error=repr(exc))
+                continue
+            if aborted:
+                self._on_abort_requested(aborted)
+
+    async def recover_forever(self) -> None:
+        """Return jobs whose lease expired (their worker died) to the queue."""
+        while True:
+            await self.recover()
+            await anyio.sleep(min(self._lease / 2, 5.0))
+
+    async def recover(self) -> None:
+        """One recovery pass."""
+        try:
+            recovered = await self._store.recover(self._clock(), self._max_lease_expiries)
+        except Exception as exc:
+            log.error("could not recover expired leases", error=repr(exc))
+            return
+        if recovered.requeued or recovered.failed or recovered.aborted:
+            log.warning(
+                "recovered jobs whose lease expired",
+                requeued=recovered.requeued,
+                failed=recovered.failed,
+                aborted=recovered.aborted,
+            )
+            self._on_recovered()
+
+    async def prune_forever(self) -> None:
+        """Delete final jobs older than the retention period, in small batches."""
+        while True:
+            await self.prune()
+            await anyio.sleep(self._prune_interval)
+
+    async def prune(self) -> int:
+        """Prune until nothing is left to prune; return how many jobs went."""
+        total = 0
+        while True:
+            try:
+                count = await self._store.prune(self._clock() - self._retention, PRUNE_BATCH)
+            except Exception as exc:
+                log.error("could not prune finished jobs", error=repr(exc))
+                return total
+            total += count
+            self.pruned += count
+            if count < PRUNE_BATCH:
+                return total
+            await anyio.lowlevel.checkpoint()

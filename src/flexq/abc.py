@@ -1,0 +1,23 @@
+"""Interfaces for pluggable parts: implement :class:`Store` to keep jobs somewhere new."""
+
+from __future__ import annotations
+
+from flexq._store.base import ClaimedJob as ClaimedJob
+from flexq._store.base import EnqueueResult as EnqueueResult
+from flexq._store.base import EnqueueUnit as EnqueueUnit
+from flexq._store.base import JobFilter as JobFilter
+from flexq._store.base import NewJob as NewJob
+from flexq._store.base import Outcome as Outcome
+from flexq._store.base import Recovered as Recovered
+from flexq._store.base import Store as Store
+
+__all__ = [
+    "ClaimedJob",
+    "EnqueueResult",
+    "EnqueueUnit",
+    "JobFilter",
+    "NewJob",
+    "Outcome",
+    "Recovered",
+    "Store",
+]

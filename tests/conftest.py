@@ -1,0 +1,88 @@
+"""Shared fixtures: every test runs under asyncio (debug) and trio, on every store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import structlog
+
+import flexq
+from flexq.abc import Store
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """Both event loops: asyncio in debug mode, and trio."""
+    return request.param  # type: ignore[no-any-return]
+
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """Makes fresh stores of one kind (each call a new store; SQLite ones share one file)."""
+    path = tmp_path / "flexq.db"
+    if request.param == "memory":
+        return flexq_memory_store
+    return lambda: sqlite_store(path)
+
+
+def flexq_memory_store() -> Store:
+    from flexq._store.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def sqlite_store(path: Path) -> Store:
+    from flexq._store.sqlite import SQLiteStore
+
+    return SQLiteStore(str(path))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite URL in the test's own directory."""
+    return f"sqlite:///{tmp_path / 'flexq.db'}"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store a Queue can be made from."""
+    if request.param == "memory":
+        return "memory://"
+    return f"sqlite:///{tmp_path / 'flexq.db'}"
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
+    """An open store of each kind."""
+    opened = store_factory()
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def make_queue(url: str, **options: Any) -> flexq.Queue:
+    """A queue with test-friendly timings."""
+    options.setdefault("workers", 4)
+    options.setdefault("poll_interval", 0.05)
+    options.setdefault("backoff", flexq.Backoff(base=0.01, maximum=0.05, jitter=0.0))
+    options.setdefault("grace_period", 2.0)
+    options.setdefault("max_loop_lag", None)
+    return flexq.Queue(url, **options)
