@@ -287,7 +287,7 @@ class Queue:
         finally:
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
-            self._group = self._runner = self._dispatcher = self._upkeep = None
+            self._group = None
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:

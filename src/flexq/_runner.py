@@ -123,6 +123,10 @@ class Runner:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the workers and the reporter until cancelled."""
+        with self._send, self._receive:
+            await self._run_workers(task_status)
+
+    async def _run_workers(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as group:
             for _ in range(self.workers):
                 group.start_soon(self._work)
