@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 class DeficitRoundRobin:
     """Shares capacity between active tenants in proportion to their weights.
 
-    Each visit adds a tenant's weight to its deficit; the tenant gets as many jobs as its
-    deficit holds whole units. A tenant that runs out of ready work leaves the ring and loses its
-    deficit, so idle time cannot be saved up and spent later as a burst.
+    When its turn comes, a tenant's weight is added to its deficit, and it gets as many jobs as
+    the deficit holds whole units before the turn passes on. A tenant that runs out of ready
+    work leaves the ring and loses its deficit, so idle time cannot be saved up and spent later
+    as a burst.
     """
 
     def __init__(self, weights: Mapping[str, float] | None = None, default_weight: float = 1.0):
@@ -60,15 +61,21 @@ class DeficitRoundRobin:
             self._next = 0
 
     def allocate(self, capacity: int) -> dict[str, int]:
-        """Decide how many jobs each active tenant may start out of ``capacity``."""
+        """Decide how many jobs each active tenant may start out of ``capacity``.
+
+        The tenant whose turn it is keeps the turn until it has spent its deficit, across
+        calls, so handing out one slot at a time gives the same shares as handing out many.
+        """
         shares: dict[str, int] = {}
         while capacity > 0 and self._ring:
             tenant = self._ring[self._next]
-            self._deficit[tenant] += self.weight(tenant)
+            if self._deficit[tenant] < 1:
+                self._deficit[tenant] += self.weight(tenant)
             take = min(int(self._deficit[tenant]), capacity)
             if take:
                 shares[tenant] = shares.get(tenant, 0) + take
                 self._deficit[tenant] -= take
                 capacity -= take
-            self._next = (self._next + 1) % len(self._ring)
+            if self._deficit[tenant] < 1:
+                self._next = (self._next + 1) % len(self._ring)
         return shares

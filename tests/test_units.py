@@ -1,0 +1,125 @@
+"""Small parts on their own: the transition table, backoff, group commit."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import pytest
+
+import flexq
+from flexq._batching import GroupCommit
+from flexq._states import FINAL_STATES, check_transition, sources_of
+
+
+def test_final_states_lead_nowhere_and_every_state_is_in_the_table() -> None:
+    """Final states have no way out; every state has an entry."""
+    assert set(flexq.TRANSITIONS) == set(flexq.State)
+    for state in FINAL_STATES:
+        assert flexq.TRANSITIONS[state] == frozenset()
+        assert state.is_final
+        with pytest.raises(flexq.IllegalTransition):
+            check_transition(state, flexq.State.QUEUED, "j")
+
+
+def test_illegal_transition_names_the_job_and_states() -> None:
+    """The error says which job tried which move."""
+    with pytest.raises(
+        flexq.IllegalTransition, match="job 'j1' cannot go from QUEUED to COMPLETED"
+    ):
+        check_transition(flexq.State.QUEUED, flexq.State.COMPLETED, "j1")
+    assert sources_of(flexq.State.ABORTED) == frozenset(flexq.State) - FINAL_STATES
+
+
+def test_backoff_grows_exponentially_up_to_the_maximum() -> None:
+    """Without jitter the waits double and stop at the cap."""
+    backoff = flexq.Backoff(base=1.0, factor=2.0, maximum=10.0, jitter=0.0)
+    assert [backoff.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert backoff.delay(10_000) == 10.0
+
+
+def test_backoff_jitter_stays_within_its_bounds() -> None:
+    """Jitter moves each wait by at most the given fraction, and not always the same way."""
+    backoff = flexq.Backoff(base=4.0, jitter=0.25)
+    rng = random.Random(7)
+    waits = {backoff.delay(1, rng) for _ in range(200)}
+    assert all(3.0 <= w <= 5.0 for w in waits)
+    assert len(waits) > 100
+
+
+def test_backoff_rejects_nonsense() -> None:
+    """Negative waits, shrinking factors and jitter over 1 are refused."""
+    for options in [{"base": -1.0}, {"factor": 0.5}, {"jitter": 2.0}, {"maximum": -1.0}]:
+        with pytest.raises(flexq.InvalidArguments):
+            flexq.Backoff(**options)
+
+
+async def test_group_commit_coalesces_concurrent_submissions() -> None:
+    """Concurrent submitters share flushes and each gets its own result."""
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        await anyio.sleep(0.01)
+        return [item * 10 for item in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    results: dict[int, int] = {}
+
+    async def submit(n: int) -> None:
+        results[n] = await group.submit(n)
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(50):
+            tasks.start_soon(submit, n)
+    assert results == {n: n * 10 for n in range(50)}
+    assert len(batches) < 10
+    assert sorted(item for batch in batches for item in batch) == list(range(50))
+
+
+async def test_group_commit_failure_reaches_every_caller_of_the_batch() -> None:
+    """A failed flush raises in each of its callers; the next batch is unaffected."""
+    calls = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.01)
+        if calls == 1:
+            raise OSError("disk full")
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    outcomes: list[str] = []
+
+    async def submit(n: int) -> None:
+        try:
+            await group.submit(n)
+            outcomes.append("ok")
+        except OSError:
+            outcomes.append("failed")
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(3):
+            tasks.start_soon(submit, n)
+    assert outcomes.count("failed") >= 1
+    assert len(outcomes) == 3
+    assert await group.submit(9) == 9
+
+
+async def test_group_commit_survives_a_cancelled_leader() -> None:
+    """If the leading caller is cancelled, the batch it carries is still written for the others."""
+    written: list[int] = []
+    flushing = anyio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        flushing.set()
+        await anyio.sleep(0.05)
+        written.extend(items)
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    with anyio.move_on_after(0.01):
+        await group.submit(1)
+    assert written == [1]
+    assert await group.submit(2) == 2
