@@ -204,7 +204,12 @@ async def test_expired_lease_requeues_then_fails_after_max_expiries(store: Store
     await put(store, job("a", max_attempts=10))
     for round_ in range(3):
         now = T0 + 100 * round_
-        assert await claim(store, now=now) == ["a"]
+        if round_ == 0:
+            assert await claim(store, now=now) == ["a"]
+        else:
+            suspect = await store.claim_suspect(OWNER, TASKS, now, now + 10)
+            assert suspect is not None
+            assert suspect.id == "a"
         assert (await store.recover(now + 5, max_lease_expiries=3)).requeued == []
         recovered = await store.recover(now + 11, max_lease_expiries=3)
         if round_ < 2:
@@ -315,3 +320,23 @@ async def test_get_many_returns_existing_jobs(store: Store) -> None:
     """get_many skips unknown ids."""
     await put(store, job("a"), job("b"))
     assert sorted(i.id for i in await store.get_many(["a", "zz", "b"])) == ["a", "b"]
+
+
+async def test_requeued_jobs_are_suspects_claimed_only_alone(store: Store) -> None:
+    """A job whose lease expired is left out of normal claims and claimed on its own."""
+    await put(store, job("a"), job("b"), job("c", tenant="other"))
+    await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 10)
+    assert not await store.has_suspects()
+    assert (await store.recover(T0 + 11, 3)).requeued == ["a"]
+    assert await store.has_suspects()
+    assert await store.ready_tenants() == ["acme", "other"]
+    assert await claim(store, now=T0 + 12) == ["b"]
+    await store.set_pause(PauseScope.TENANT, "acme", True, T0)
+    assert await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22) is None
+    await store.set_pause(PauseScope.TENANT, "acme", False, T0)
+    assert await store.claim_suspect(OWNER, {"u"}, T0 + 12, T0 + 22) is None
+    suspect = await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22)
+    assert suspect is not None
+    assert (suspect.id, suspect.attempt) == ("a", 2)
+    assert not await store.has_suspects()
+    assert await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22) is None

@@ -26,6 +26,10 @@ class Dispatcher:
     cannot fill a local buffer ahead of others. It wakes at once when this process enqueues or
     a worker frees up, at the next ``run_at`` of a waiting job, and every ``poll_interval`` to
     see work that other processes enqueued.
+
+    A job whose worker died while running it (a suspect) runs alone: the dispatcher lets the
+    running jobs finish, runs the suspect by itself, and only then claims again, so a job that
+    kills its process takes no innocent job with it.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class Dispatcher:
         self._next_run_at: float | None = None
         self._next_poll = 0.0
         self._stopped = False
+        self._suspects = False
+        self._isolating = False
 
     def notify(self, tenants: Iterable[str] = (), run_at: float | None = None) -> None:
         """Tell the dispatcher about new ready work (tenants) or a job waiting until ``run_at``."""
@@ -109,7 +115,14 @@ class Dispatcher:
             self._fairness.add(tenants)
         if now >= self._next_poll:
             self._fairness.add(await self._store.ready_tenants())
+            self._suspects = await self._store.has_suspects()
             self._next_poll = now + self._poll_interval
+        if self._isolating or self._suspects:
+            if self._runner.in_flight:
+                return
+            self._isolating = False
+            if self._suspects and await self._run_suspect():
+                return
         while not self._stopped and self._fairness and self._runner.free_slots > 0:
             wanted = self._fairness.allocate(self._runner.free_slots)
             now = self._clock()
@@ -124,3 +137,16 @@ class Dispatcher:
                     self._fairness.discard(tenant)
             jobs.sort(key=lambda job: job.order)
             self._runner.submit(jobs)
+
+    async def _run_suspect(self) -> bool:
+        """Claim a job whose worker died while running it, to run on its own."""
+        now = self._clock()
+        job = await self._store.claim_suspect(self._owner, self._tasks, now, now + self._lease)
+        if job is None:
+            self._suspects = False
+            return False
+        log.warning("running a job whose previous worker died, alone", job_id=job.id,
+                    tenant=job.tenant, task=job.task, attempt=job.attempt)  # fmt: skip
+        self._isolating = True
+        self._runner.submit([job])
+        return True

@@ -123,7 +123,7 @@ class Store(Protocol):
         """Insert every unit in one transaction, each unit all-or-nothing."""
 
     async def ready_tenants(self) -> list[str]:
-        """Tenants that have QUEUED jobs."""
+        """Tenants that have QUEUED jobs (suspects aside)."""
 
     async def claim(
         self,
@@ -136,7 +136,8 @@ class Store(Protocol):
         """Move up to ``wanted[tenant]`` QUEUED jobs of each tenant to PROCESSING.
 
         Only jobs of ``tasks`` (those the claiming process can run) are taken, by priority, kind
-        and age, skipping paused tasks and tenants (or all, if the queue is paused).
+        and age, skipping paused tasks and tenants (or all, if the queue is paused) and
+        suspects (see :meth:`recover`).
         """
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
@@ -151,8 +152,22 @@ class Store(Protocol):
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         """Requeue running jobs whose lease expired before ``now`` (an attempt counted).
 
-        A job out of attempts or past ``max_lease_expiries`` expiries ends FAILED; one whose
-        abort was requested ends ABORTED.
+        A job whose lease has expired ``max_lease_expiries`` times ends FAILED; one whose abort
+        was requested ends ABORTED. A requeued job is a *suspect*: it may be what killed its
+        worker, so :meth:`claim` leaves it to :meth:`claim_suspect`. Lease expiries do not
+        consume the retry budget, so ``attempts`` may exceed ``max_attempts`` after crashes.
+        """
+
+    async def has_suspects(self) -> bool:
+        """Whether any QUEUED job has had its lease expire before."""
+
+    async def claim_suspect(
+        self, owner: str, tasks: Collection[str], now: float, lease_until: float
+    ) -> ClaimedJob | None:
+        """Claim the oldest QUEUED suspect of ``tasks`` (of a tenant that is not paused).
+
+        The caller runs it alone, so that if it kills its process again it takes no innocent
+        job with it.
         """
 
     async def promote(self, now: float) -> tuple[list[str], float | None]:

@@ -159,7 +159,12 @@ class MemoryStore:
 
     def _is_ready_entry(self, entry: tuple[tuple[int, int, int], JobId]) -> bool:
         row = self._rows.get(entry[1])
-        return row is not None and row.state is State.QUEUED and row.order == entry[0]
+        return (
+            row is not None
+            and row.state is State.QUEUED
+            and row.order == entry[0]
+            and not row.lease_expiries
+        )
 
     async def claim(
         self,
@@ -170,9 +175,7 @@ class MemoryStore:
         lease_until: float,
     ) -> list[ClaimedJob]:
         await anyio.lowlevel.checkpoint()
-        if (PauseScope.QUEUE, "") in self._pauses:
-            return []
-        runnable = set(tasks) - {name for scope, name in self._pauses if scope is PauseScope.TASK}
+        runnable = self._runnable(tasks)
         claimed: list[ClaimedJob] = []
         for tenant, count in wanted.items():
             if (PauseScope.TENANT, tenant) in self._pauses:
@@ -188,16 +191,42 @@ class MemoryStore:
                 if row.job.task not in runnable:
                     skipped.append(entry)
                     continue
-                row.move(State.PROCESSING)
-                row.attempts += 1
-                row.started_at = now
-                row.lease_owner = owner
-                row.lease_until = lease_until
-                claimed.append(_claimed(row))
+                claimed.append(self._take(row, owner, now, lease_until))
                 taken += 1
             for entry in skipped:
                 heapq.heappush(heap, entry)
         return claimed
+
+    def _runnable(self, tasks: Collection[str]) -> set[str]:
+        if (PauseScope.QUEUE, "") in self._pauses:
+            return set()
+        return set(tasks) - {name for scope, name in self._pauses if scope is PauseScope.TASK}
+
+    @staticmethod
+    def _take(row: _Row, owner: str, now: float, lease_until: float) -> ClaimedJob:
+        row.move(State.PROCESSING)
+        row.attempts += 1
+        row.started_at = now
+        row.lease_owner = owner
+        row.lease_until = lease_until
+        return _claimed(row)
+
+    def _suspects(self) -> list[_Row]:
+        return [r for r in self._rows.values() if r.state is State.QUEUED and r.lease_expiries]
+
+    async def has_suspects(self) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return bool(self._suspects())
+
+    async def claim_suspect(
+        self, owner: str, tasks: Collection[str], now: float, lease_until: float
+    ) -> ClaimedJob | None:
+        await anyio.lowlevel.checkpoint()
+        runnable = self._runnable(tasks)
+        for row in self._suspects():
+            if row.job.task in runnable and (PauseScope.TENANT, row.job.tenant) not in self._pauses:
+                return self._take(row, owner, now, lease_until)
+        return None
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         await anyio.lowlevel.checkpoint()

@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS flexq_jobs (
     abort_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready
-    ON flexq_jobs (tenant, priority DESC, kind_rank, seq) WHERE state = 'QUEUED';
+    ON flexq_jobs (tenant, priority DESC, kind_rank, seq)
+    WHERE state = 'QUEUED' AND lease_expiries = 0;
+CREATE INDEX IF NOT EXISTS flexq_jobs_suspects
+    ON flexq_jobs (seq) WHERE state = 'QUEUED' AND lease_expiries > 0;
 CREATE INDEX IF NOT EXISTS flexq_jobs_scheduled
     ON flexq_jobs (run_at) WHERE state = 'SCHEDULED';
 CREATE INDEX IF NOT EXISTS flexq_jobs_leases
@@ -110,7 +113,7 @@ SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner 
     lease_until = ?3
 WHERE seq IN (
     SELECT seq FROM flexq_jobs
-    WHERE state = 'QUEUED' AND tenant = ?4 {task_filter}
+    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ?4 {task_filter}
     ORDER BY priority DESC, kind_rank, seq
     LIMIT ?5
 )
@@ -118,12 +121,29 @@ RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts
     parent_id, kind_rank, seq
 """
 
+_CLAIM_SUSPECT = """
+UPDATE flexq_jobs
+SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
+    lease_until = ?3
+WHERE seq = (
+    SELECT seq FROM flexq_jobs
+    WHERE state = 'QUEUED' AND lease_expiries > 0 AND task IN ({marks})
+        AND tenant NOT IN ({paused_tenants})
+    ORDER BY seq
+    LIMIT 1
+)
+RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
+    parent_id, kind_rank, seq
+"""
+
 _READY_TENANTS = """
 WITH RECURSIVE ready(tenant) AS (
-    SELECT (SELECT tenant FROM flexq_jobs WHERE state = 'QUEUED' ORDER BY tenant LIMIT 1)
+    SELECT (SELECT tenant FROM flexq_jobs WHERE state = 'QUEUED' AND lease_expiries = 0
+            ORDER BY tenant LIMIT 1)
     UNION ALL
     SELECT (SELECT tenant FROM flexq_jobs
-            WHERE state = 'QUEUED' AND tenant > ready.tenant ORDER BY tenant LIMIT 1)
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+            ORDER BY tenant LIMIT 1)
     FROM ready WHERE ready.tenant IS NOT NULL
 )
 SELECT tenant FROM ready WHERE tenant IS NOT NULL
@@ -285,38 +305,60 @@ class SQLiteStore:
     ) -> list[ClaimedJob]:
         claimed: list[ClaimedJob] = []
         with self._transaction() as db:
-            paused: dict[PauseScope, set[str]] = {scope: set() for scope in PauseScope}
-            for scope, name in db.execute("SELECT scope, name FROM flexq_pauses"):
-                paused[PauseScope(scope)].add(name)
-            if paused[PauseScope.QUEUE]:
-                return claimed
-            runnable = sorted(tasks - paused[PauseScope.TASK])
+            runnable = self._runnable(db, tasks)
             if not runnable:
                 return claimed
+            paused_tenants = {
+                name for (name,) in db.execute(
+                    "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
+                )
+            }  # fmt: skip
             marks = ", ".join(f"?{6 + i}" for i in range(len(runnable)))
             sql = _CLAIM.format(task_filter=f"AND task IN ({marks})")
             for tenant, count in wanted.items():
-                if count <= 0 or tenant in paused[PauseScope.TENANT]:
+                if count <= 0 or tenant in paused_tenants:
                     continue
                 rows = db.execute(sql, (now, owner, lease_until, tenant, count, *runnable))
-                claimed.extend(
-                    ClaimedJob(
-                        id=row[0],
-                        task=row[1],
-                        kind=Kind(row[2]),
-                        tenant=row[3],
-                        priority=row[4],
-                        args=row[5],
-                        kwargs=row[6],
-                        attempt=row[7],
-                        max_attempts=row[8],
-                        timeout=row[9],
-                        parent_id=row[10],
-                        order=(-row[4], row[11], row[12]),
-                    )
-                    for row in rows
-                )
+                claimed.extend(map(_claimed, rows))
         return claimed
+
+    async def has_suspects(self) -> bool:
+        rows = await self._run(
+            self._select,
+            "SELECT 1 FROM flexq_jobs WHERE state = 'QUEUED' AND lease_expiries > 0 LIMIT 1",
+            (),
+        )
+        return bool(rows)
+
+    async def claim_suspect(
+        self, owner: str, tasks: Collection[str], now: float, lease_until: float
+    ) -> ClaimedJob | None:
+        return await self._run(self._claim_suspect, owner, set(tasks), now, lease_until)
+
+    def _claim_suspect(
+        self, owner: str, tasks: set[str], now: float, lease_until: float
+    ) -> ClaimedJob | None:
+        with self._transaction() as db:
+            runnable = self._runnable(db, tasks)
+            if not runnable:
+                return None
+            marks = ", ".join(f"?{4 + i}" for i in range(len(runnable)))
+            paused_tenants = "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
+            row = db.execute(
+                _CLAIM_SUSPECT.format(marks=marks, paused_tenants=paused_tenants),
+                (now, owner, lease_until, *runnable),
+            ).fetchone()
+        return None if row is None else _claimed(row)
+
+    @staticmethod
+    def _runnable(db: sqlite3.Connection, tasks: set[str]) -> list[str]:
+        """The tasks that may be claimed now: none if the queue is paused."""
+        paused: dict[PauseScope, set[str]] = {scope: set() for scope in PauseScope}
+        for scope, name in db.execute("SELECT scope, name FROM flexq_pauses"):
+            paused[PauseScope(scope)].add(name)
+        if paused[PauseScope.QUEUE]:
+            return []
+        return sorted(tasks - paused[PauseScope.TASK])
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         for outcome in outcomes:
@@ -553,6 +595,14 @@ def _outcome_update(outcome: Outcome, now: float) -> tuple[str, tuple[Any, ...]]
         f" {_RELEASE_LEASE}",
         (state, outcome.result, now, outcome.error),
     )
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
+    return ClaimedJob(
+        id=row[0], task=row[1], kind=Kind(row[2]), tenant=row[3], priority=row[4], args=row[5],
+        kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9], parent_id=row[10],
+        order=(-row[4], row[11], row[12]),
+    )  # fmt: skip
 
 
 def _where(where: JobFilter) -> tuple[str, list[Any]]:
