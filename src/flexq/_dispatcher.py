@@ -48,7 +48,7 @@ class Dispatcher:
         self._store = store
         self._runner = runner
         self._owner = owner
-        self._tasks = frozenset(tasks)
+        self._tasks = tasks
         self._fairness = fairness
         self._monitor = monitor
         self._clock = clock

@@ -175,8 +175,9 @@ class Queue:
             retries: extra attempts after a failed one (with ``backoff`` between them).
             timeout: seconds an attempt may run before it is cancelled and counts as failed.
             priority: default priority of its jobs; higher runs first within a tenant.
-            kind: ``"queueable"`` (result kept, may chain children) or ``"future"``
-                (fire-and-forget; runs before queueable jobs of equal priority).
+            kind: ``"queueable"`` (result kept) or ``"future"`` (fire-and-forget: result
+                not kept; runs before queueable jobs of equal priority). Both may chain
+                children through their context.
             backoff: wait between attempts, instead of the queue's.
         """
 
@@ -349,7 +350,14 @@ class Queue:
             kwargs: keyword arguments for the handler (JSON values).
 
         Raises:
-            UnknownTask, InvalidArguments, DuplicateJob, QueueClosed. Nothing is written then.
+            UnknownTask: the task is not registered with this queue.
+            InvalidArguments: the arguments or options are not acceptable (not JSON, not
+                matching the handler's signature...).
+            DuplicateJob: ``key`` is taken by an unfinished job and ``on_duplicate`` is
+                ``"raise"``.
+            QueueClosed: the queue is not open.
+
+        Nothing is written when it raises.
         """
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
@@ -482,7 +490,8 @@ class Queue:
         Jobs that this process runs are seen at once; others every ``poll_interval``.
 
         Raises:
-            JobNotFound, or WaitTimeout after ``timeout`` seconds.
+            JobNotFound: no job has this id.
+            WaitTimeout: the job was not final after ``timeout`` seconds.
         """
         self._check_open()
         with anyio.move_on_after(math.inf if timeout is None else timeout):
@@ -591,7 +600,8 @@ class Queue:
         ABORTED. Returns the job's state after the call.
 
         Raises:
-            JobNotFound; IllegalTransition if the job is already final.
+            JobNotFound: no job has this id.
+            IllegalTransition: the job is already final.
         """
         self._check_open()
         state = await self._store.request_abort(job_id, self._clock())

@@ -34,9 +34,10 @@ class Kind(enum.StrEnum):
     """What sort of job it is; decides ordering at equal priority."""
 
     FUTURE = "future"
-    """A fire-and-forget call; its return value is not kept."""
+    """A fire-and-forget call: its return value is not kept; it runs before queueable jobs of
+    equal priority."""
     QUEUEABLE = "queueable"
-    """A job whose result is kept and which may chain children through its context."""
+    """A job whose return value is kept as its result."""
     BATCH = "batch"
     SCHEDULED = "scheduled"
 

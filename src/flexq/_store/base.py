@@ -154,8 +154,9 @@ class Store(Protocol):
 
         A job whose lease has expired ``max_lease_expiries`` times ends FAILED; one whose abort
         was requested ends ABORTED. A requeued job is a *suspect*: it may be what killed its
-        worker, so :meth:`claim` leaves it to :meth:`claim_suspect`. Lease expiries do not
-        consume the retry budget, so ``attempts`` may exceed ``max_attempts`` after crashes.
+        worker, so :meth:`claim` leaves it to :meth:`claim_suspect`. The lost attempt stays
+        counted, yet only ``max_lease_expiries`` decides whether a crashed job runs again, so
+        ``attempts`` may exceed ``max_attempts`` after crashes.
         """
 
     async def has_suspects(self) -> bool:
