@@ -107,9 +107,10 @@ async def test_ready_tenants_lists_tenants_with_queued_jobs(store: Store) -> Non
     """Tenants with QUEUED work are listed once each; drained tenants are not."""
     await put(store, job("a"), job("b1", tenant="b"), job("b2", tenant="b"), job("c", tenant="c",
               run_at=T0 + 9))  # fmt: skip
-    assert await store.ready_tenants() == ["acme", "b"]
+    assert await store.ready_tenants(TASKS) == ["acme", "b"]
+    assert await store.ready_tenants({"u"}) == []
     await claim(store)
-    assert await store.ready_tenants() == ["b"]
+    assert await store.ready_tenants(TASKS) == ["b"]
 
 
 async def test_duplicate_key_raises_and_writes_nothing(store: Store) -> None:
@@ -329,7 +330,7 @@ async def test_requeued_jobs_are_suspects_claimed_only_alone(store: Store) -> No
     assert not await store.has_suspects()
     assert (await store.recover(T0 + 11, 3)).requeued == ["a"]
     assert await store.has_suspects()
-    assert await store.ready_tenants() == ["acme", "other"]
+    assert await store.ready_tenants(TASKS) == ["acme", "other"]
     assert await claim(store, now=T0 + 12) == ["b"]
     await store.set_pause(PauseScope.TENANT, "acme", True, T0)
     assert await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22) is None

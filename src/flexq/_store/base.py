@@ -122,8 +122,8 @@ class Store(Protocol):
     async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
         """Insert every unit in one transaction, each unit all-or-nothing."""
 
-    async def ready_tenants(self) -> list[str]:
-        """Tenants that have QUEUED jobs (suspects aside)."""
+    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
+        """Tenants that have QUEUED jobs of ``tasks`` (suspects aside)."""
 
     async def claim(
         self,

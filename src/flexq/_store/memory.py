@@ -149,12 +149,15 @@ class MemoryStore:
 
     # -- dispatching ------------------------------------------------------------------------
 
-    async def ready_tenants(self) -> list[str]:
+    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
         await anyio.lowlevel.checkpoint()
         return sorted(
             tenant
             for tenant, heap in self._ready.items()
-            if any(self._is_ready_entry(entry) for entry in heap)
+            if any(
+                self._is_ready_entry(entry) and self._rows[entry[1]].job.task in tasks
+                for entry in heap
+            )
         )
 
     def _is_ready_entry(self, entry: tuple[tuple[int, int, int], JobId]) -> bool:

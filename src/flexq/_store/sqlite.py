@@ -74,6 +74,8 @@ CREATE TABLE IF NOT EXISTS flexq_jobs (
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready
     ON flexq_jobs (tenant, priority DESC, kind_rank, seq)
     WHERE state = 'QUEUED' AND lease_expiries = 0;
+CREATE INDEX IF NOT EXISTS flexq_jobs_ready_tasks
+    ON flexq_jobs (task, tenant) WHERE state = 'QUEUED' AND lease_expiries = 0;
 CREATE INDEX IF NOT EXISTS flexq_jobs_suspects
     ON flexq_jobs (seq) WHERE state = 'QUEUED' AND lease_expiries > 0;
 CREATE INDEX IF NOT EXISTS flexq_jobs_scheduled
@@ -112,7 +114,7 @@ UPDATE flexq_jobs
 SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
 WHERE seq IN (
-    SELECT seq FROM flexq_jobs
+    SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_ready
     WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ?4 {task_filter}
     ORDER BY priority DESC, kind_rank, seq
     LIMIT ?5
@@ -126,7 +128,7 @@ UPDATE flexq_jobs
 SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
 WHERE seq = (
-    SELECT seq FROM flexq_jobs
+    SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_suspects
     WHERE state = 'QUEUED' AND lease_expiries > 0 AND task IN ({marks})
         AND tenant NOT IN ({paused_tenants})
     ORDER BY seq
@@ -138,11 +140,12 @@ RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts
 
 _READY_TENANTS = """
 WITH RECURSIVE ready(tenant) AS (
-    SELECT (SELECT tenant FROM flexq_jobs WHERE state = 'QUEUED' AND lease_expiries = 0
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_ready_tasks
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND task = ?1
             ORDER BY tenant LIMIT 1)
     UNION ALL
-    SELECT (SELECT tenant FROM flexq_jobs
-            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_ready_tasks
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND task = ?1 AND tenant > ready.tenant
             ORDER BY tenant LIMIT 1)
     FROM ready WHERE ready.tenant IS NOT NULL
 )
@@ -284,11 +287,14 @@ class SQLiteStore:
 
     # -- dispatching ------------------------------------------------------------------------
 
-    async def ready_tenants(self) -> list[str]:
-        return await self._run(self._ready_tenants)
+    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
+        return await self._run(self._ready_tenants, sorted(tasks))
 
-    def _ready_tenants(self) -> list[str]:
-        return [row[0] for row in self._db.execute(_READY_TENANTS)]
+    def _ready_tenants(self, tasks: list[str]) -> list[str]:
+        tenants: set[str] = set()
+        for task in tasks:
+            tenants.update(row[0] for row in self._db.execute(_READY_TENANTS, (task,)))
+        return sorted(tenants)
 
     async def claim(
         self,
@@ -325,7 +331,8 @@ class SQLiteStore:
     async def has_suspects(self) -> bool:
         rows = await self._run(
             self._select,
-            "SELECT 1 FROM flexq_jobs WHERE state = 'QUEUED' AND lease_expiries > 0 LIMIT 1",
+            "SELECT 1 FROM flexq_jobs INDEXED BY flexq_jobs_suspects"
+            " WHERE state = 'QUEUED' AND lease_expiries > 0 LIMIT 1",
             (),
         )
         return bool(rows)
@@ -381,7 +388,8 @@ class SQLiteStore:
     def _renew(self, owner: str, lease_until: float) -> list[JobId]:
         with self._transaction() as db:
             rows = db.execute(
-                f"UPDATE flexq_jobs SET lease_until = ? WHERE state IN ({_RUNNING})"
+                "UPDATE flexq_jobs INDEXED BY flexq_jobs_leases SET lease_until = ?"
+                f" WHERE state IN ({_RUNNING})"
                 " AND lease_owner = ? RETURNING id, abort_requested",
                 (lease_until, owner),
             ).fetchall()
@@ -394,8 +402,8 @@ class SQLiteStore:
         recovered = Recovered(requeued=[], failed=[], aborted=[])
         with self._transaction() as db:
             expired = db.execute(
-                f"SELECT id, attempts, lease_expiries, abort_requested FROM flexq_jobs"
-                f" WHERE state IN ({_RUNNING}) AND lease_until < ?",
+                "SELECT id, attempts, lease_expiries, abort_requested FROM flexq_jobs"
+                f" INDEXED BY flexq_jobs_leases WHERE state IN ({_RUNNING}) AND lease_until < ?",
                 (now,),
             ).fetchall()
             for job_id, attempts, expiries, abort_requested in expired:
@@ -422,12 +430,14 @@ class SQLiteStore:
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE flexq_jobs SET state = 'QUEUED' WHERE seq IN ("
-                " SELECT seq FROM flexq_jobs WHERE state = 'SCHEDULED' AND run_at <= ?"
+                " SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_scheduled"
+                " WHERE state = 'SCHEDULED' AND run_at <= ?"
                 " ORDER BY run_at LIMIT 5000) RETURNING tenant",
                 (now,),
             ).fetchall()
             (next_run_at,) = db.execute(
-                "SELECT MIN(run_at) FROM flexq_jobs WHERE state = 'SCHEDULED'"
+                "SELECT MIN(run_at) FROM flexq_jobs INDEXED BY flexq_jobs_scheduled"
+                " WHERE state = 'SCHEDULED'"
             ).fetchone()
         return sorted({row[0] for row in rows}), next_run_at
 
