@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -44,6 +45,24 @@ R = TypeVar("R")
 R2 = TypeVar("R2")
 
 DEFAULT_TENANT = "default"
+
+
+class _JobIds:
+    """Job ids: 16 random hex digits drawn once per process, then a 16-digit counter."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> JobId:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+new_job_id = _JobIds()
+os.register_at_fork(after_in_child=new_job_id.reset)
 MAX_PAGE = 1000
 
 
@@ -117,6 +136,7 @@ class Queue:
         self._clock = clock
         self._tasks: dict[str, Task[Any]] = {}
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
         self._enqueuer: GroupCommit[EnqueueUnit, EnqueueResult] = GroupCommit(self._write_units)
         self._waiters: dict[JobId, anyio.Event] = {}
         self._open = False
@@ -463,13 +483,13 @@ class Queue:
         if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
             raise InvalidArguments(f"key must be a non-empty string of <= 512 chars: {key!r}")
         return NewJob(
-            id=os.urandom(16).hex(),
+            id=new_job_id(),
             task=spec.name,
             kind=spec.kind,
             tenant=tenant,
             priority=spec.priority if priority is None else check_priority(priority),
-            args=dumps(list(args), "task arguments"),
-            kwargs=dumps(dict(kwargs), "task keyword arguments"),
+            args=dumps(list(args), "task arguments") if args else "[]",
+            kwargs=dumps(dict(kwargs), "task keyword arguments") if kwargs else "{}",
             max_attempts=spec.max_attempts,
             timeout=spec.timeout,
             run_at=_start_time(now, delay, run_at),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,9 @@ class Runner:
         self._clock = clock
         self._on_slot_free = on_slot_free
         self._on_written = on_written
-        self._send, self._receive = anyio.create_memory_object_stream[ClaimedJob](workers)
+        self._ready: collections.deque[ClaimedJob] = collections.deque()
+        self._parked: list[anyio.Event] = []
+        self._closed = False
         self._in_flight = 0
         self._idle = anyio.Event()
         self._held: dict[JobId, _Attempt] = {}
@@ -108,7 +111,9 @@ class Runner:
             if self._idle.is_set():
                 self._idle = anyio.Event()
             self._held[job.id] = _Attempt(job)
-            self._send.send_nowait(job)
+        self._ready.extend(jobs)
+        for _ in range(min(len(jobs), len(self._parked))):
+            self._parked.pop().set()
         self.counters.claimed += len(jobs)
 
     def abort(self, job_id: JobId) -> bool:
@@ -123,10 +128,6 @@ class Runner:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the workers and the reporter until cancelled."""
-        with self._send, self._receive:
-            await self._run_workers(task_status)
-
-    async def _run_workers(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as group:
             for _ in range(self.workers):
                 group.start_soon(self._work)
@@ -135,7 +136,9 @@ class Runner:
 
     async def drain(self, grace_period: float) -> None:
         """Stop taking jobs, let running ones finish for ``grace_period``, release the rest."""
-        self._send.close()
+        self._closed = True
+        for parked in self._parked:
+            parked.set()
         for attempt in list(self._held.values()):
             if not attempt.started:
                 attempt.cancel("shutdown")
@@ -151,7 +154,15 @@ class Runner:
     # -- workers ----------------------------------------------------------------------------
 
     async def _work(self) -> None:
-        async for job in self._receive:
+        while True:
+            if not self._ready:
+                if self._closed:
+                    return
+                parked = anyio.Event()
+                self._parked.append(parked)
+                await parked.wait()
+                continue
+            job = self._ready.popleft()
             outcome = await self._execute(job)
             self._outbox.append(outcome)
             self._outbox_ready.set()
@@ -159,6 +170,7 @@ class Runner:
             if not self._in_flight:
                 self._idle.set()
             self._on_slot_free()
+            await anyio.lowlevel.checkpoint()
 
     async def _execute(self, job: ClaimedJob) -> Outcome:
         attempt = self._held[job.id]

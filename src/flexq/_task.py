@@ -42,6 +42,9 @@ class Task(Generic[R]):
     """The function's signature without the context parameter: what a job's arguments bind to."""
     context_position: int | None
     """Where the context goes among positional arguments (None: by keyword)."""
+    _fitting_shapes: set[tuple[int, frozenset[str]]] = dataclasses.field(
+        default_factory=set, repr=False
+    )
 
     @property
     def max_attempts(self) -> int:
@@ -68,12 +71,16 @@ class Task(Generic[R]):
 
     def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise :class:`InvalidArguments` unless the arguments fit the function."""
+        shape = (len(args), frozenset(kwargs))
+        if shape in self._fitting_shapes:
+            return
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidArguments(
                 f"arguments do not fit task {self.name!r}{self.signature}: {exc}"
             ) from None
+        self._fitting_shapes.add(shape)
 
 
 TaskRef: TypeAlias = "Task[Any] | str"

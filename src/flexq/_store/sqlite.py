@@ -253,9 +253,10 @@ class SQLiteStore:
     def _enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
         results: list[EnqueueResult] = []
         with self._transaction() as db:
+            unkeyed: list[tuple[Any, ...]] = []
             for unit in units:
                 if all(job.key is None for job in unit.jobs):
-                    db.executemany(_INSERT, [_insert_row(job, now) for job in unit.jobs])
+                    unkeyed.extend(_insert_row(job, now) for job in unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
                 db.execute("SAVEPOINT flexq_unit")
@@ -265,6 +266,7 @@ class SQLiteStore:
                     db.execute("ROLLBACK TO flexq_unit")
                     results.append(duplicate)
                 db.execute("RELEASE flexq_unit")
+            db.executemany(_INSERT, unkeyed)
         return results
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
@@ -374,12 +376,21 @@ class SQLiteStore:
 
     def _report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         written: list[JobId] = []
+        by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        for outcome in outcomes:
+            sql, params = _outcome_update(outcome, now)
+            by_statement.setdefault(sql + " " + _GUARD, []).append((*params, outcome.job_id, owner))
         with self._transaction() as db:
-            for outcome in outcomes:
-                sql, params = _outcome_update(outcome, now)
-                cursor = db.execute(sql + " " + _GUARD, (*params, outcome.job_id, owner))
-                if cursor.rowcount:
-                    written.append(outcome.job_id)
+            for sql, rows in by_statement.items():
+                db.execute("SAVEPOINT flexq_report")
+                if db.executemany(sql, rows).rowcount == len(rows):
+                    db.execute("RELEASE flexq_report")
+                    written.extend(row[-2] for row in rows)
+                    continue
+                # Some of these jobs were taken away (lease lost): write row by row to know which.
+                db.execute("ROLLBACK TO flexq_report")
+                db.execute("RELEASE flexq_report")
+                written.extend(row[-2] for row in rows if db.execute(sql, row).rowcount)
         return written
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
