@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
 import anyio
 
@@ -45,6 +45,13 @@ R = TypeVar("R")
 R2 = TypeVar("R2")
 
 DEFAULT_TENANT = "default"
+
+
+class _Options(NamedTuple):
+    tenant: str
+    priority: int | None
+    run_at: float
+    key: str | None
 
 
 class _JobIds:
@@ -401,15 +408,22 @@ class Queue:
         """
         self._check_open()
         _check_on_duplicate(on_duplicate)
-        defaults = {"tenant": tenant, "priority": priority, "delay": delay, "run_at": run_at}
         now = self._clock()
+        shared = self._options(tenant, priority, delay, run_at, None, now)
+        resolved: dict[int, Task[Any]] = {}
         jobs = []
         for call in calls:
             if not isinstance(call, Call):
                 raise InvalidArguments(f"enqueue_many takes flexq.Call objects, not {call!r}")
-            options = {**defaults, **call.options}
-            jobs.append(self._new_job(call.task, call.args, call.kwargs, now=now,
-                                      parent_id=None, **options))  # fmt: skip
+            spec = resolved.get(id(call.task))
+            if spec is None:
+                spec = resolved[id(call.task)] = self._resolve(call.task)
+            options = shared
+            if call.options:
+                merged = {"tenant": tenant, "priority": priority, "delay": delay,
+                          "run_at": run_at, "key": None, **call.options}  # fmt: skip
+                options = self._options(now=now, **merged)
+            jobs.append(self._new_job(spec, call.args, call.kwargs, options, None))
         if not jobs:
             return []
         return await self._submit(jobs, on_duplicate)
@@ -430,10 +444,8 @@ class Queue:
     ) -> JobId:
         self._check_open()
         _check_on_duplicate(on_duplicate)
-        job = self._new_job(
-            task, args, kwargs or {}, tenant=tenant, priority=priority, delay=delay,
-            run_at=run_at, key=key, parent_id=parent_id, now=self._clock(),
-        )  # fmt: skip
+        options = self._options(tenant, priority, delay, run_at, key, self._clock())
+        job = self._new_job(self._resolve(task), args, kwargs or {}, options, parent_id)
         (job_id,) = await self._submit([job], on_duplicate)
         return job_id
 
@@ -461,39 +473,46 @@ class Queue:
             )
         return registered
 
-    def _new_job(
-        self,
-        task: TaskRef,
-        args: tuple[JSON, ...],
-        kwargs: Mapping[str, JSON],
-        *,
+    @staticmethod
+    def _options(
         tenant: str | None,
         priority: int | None,
         delay: float | None,
         run_at: datetime | None,
-        key: str | None = None,
-        parent_id: JobId | None,
+        key: str | None,
         now: float,
-    ) -> NewJob:
-        spec = self._resolve(task)
-        spec.check_arguments(args, dict(kwargs))
+    ) -> _Options:
+        """Validate the enqueue options of one call (or of many that share them)."""
         tenant = DEFAULT_TENANT if tenant is None else tenant
         if not isinstance(tenant, str) or not tenant or len(tenant) > 256:
             raise InvalidArguments(f"tenant must be a non-empty string of <= 256 chars: {tenant!r}")
         if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
             raise InvalidArguments(f"key must be a non-empty string of <= 512 chars: {key!r}")
+        if priority is not None:
+            check_priority(priority)
+        return _Options(tenant, priority, _start_time(now, delay, run_at), key)
+
+    @staticmethod
+    def _new_job(
+        spec: Task[Any],
+        args: tuple[JSON, ...],
+        kwargs: Mapping[str, JSON],
+        options: _Options,
+        parent_id: JobId | None,
+    ) -> NewJob:
+        spec.check_arguments(args, kwargs)
         return NewJob(
             id=new_job_id(),
             task=spec.name,
             kind=spec.kind,
-            tenant=tenant,
-            priority=spec.priority if priority is None else check_priority(priority),
-            args=dumps(list(args), "task arguments") if args else "[]",
-            kwargs=dumps(dict(kwargs), "task keyword arguments") if kwargs else "{}",
+            tenant=options.tenant,
+            priority=spec.priority if options.priority is None else options.priority,
+            args=dumps(args, "task arguments") if args else "[]",
+            kwargs=dumps(kwargs, "task keyword arguments") if kwargs else "{}",
             max_attempts=spec.max_attempts,
             timeout=spec.timeout,
-            run_at=_start_time(now, delay, run_at),
-            key=key,
+            run_at=options.run_at,
+            key=options.key,
             parent_id=parent_id,
         )
 

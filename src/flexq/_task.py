@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import math
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from flexq._context import Context
@@ -17,6 +17,7 @@ if typing.TYPE_CHECKING:
     from flexq._backoff import Backoff
 
 R = TypeVar("R")
+_NO_NAMES: frozenset[str] = frozenset()
 
 Handler: TypeAlias = Callable[..., Awaitable[R]]
 
@@ -69,9 +70,9 @@ class Task(Generic[R]):
             call_args.insert(self.context_position, context)
         return call_args, call_kwargs
 
-    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def check_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Raise :class:`InvalidArguments` unless the arguments fit the function."""
-        shape = (len(args), frozenset(kwargs))
+        shape = (len(args), frozenset(kwargs) if kwargs else _NO_NAMES)
         if shape in self._fitting_shapes:
             return
         try:

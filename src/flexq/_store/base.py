@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from flexq._errors import DuplicateJob
 from flexq._models import JobError, JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
@@ -16,8 +16,7 @@ if TYPE_CHECKING:
 OnDuplicate = Literal["raise", "return"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NewJob:
+class NewJob(NamedTuple):
     """A validated job, serialized and ready to insert."""
 
     id: JobId
