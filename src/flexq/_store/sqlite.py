@@ -1,9 +1,9 @@
 """The SQLite store: one file, shared safely by several processes (WAL, BEGIN IMMEDIATE).
 
-The sqlite3 connection lives behind ``anyio.to_thread`` with a capacity limiter of one, so the
-same code serves asyncio and trio, each call is one round trip to the database thread, and a
-whole transaction (many statements) runs in that one round trip. Cancelling a caller waits for
-its transaction to end: a transaction is never left half done.
+The sqlite3 connection lives on a thread of its own (:class:`DatabaseThread`), so the same code
+serves asyncio and trio, each call is one round trip to that thread, and a whole transaction
+(many statements) runs in that one round trip. Cancelling a caller waits for its transaction to
+end: a transaction is never left half done.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import sqlite3
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps
 from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
+from flexq._store._thread import DatabaseThread
 from flexq._store.base import (
     ClaimedJob,
     EnqueueResult,
@@ -171,7 +171,7 @@ class SQLiteStore:
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._thread = DatabaseThread(f"flexq-sqlite:{path}")
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -179,9 +179,9 @@ class SQLiteStore:
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._limiter is None:
+        if not self._thread.running:
             raise FlexqError("the SQLite store is not open")
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._thread.run(fn, *args)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -205,8 +205,13 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._conn is not None:
             return
-        self._limiter = anyio.CapacityLimiter(1)
-        self._conn = await self._run(self._connect)
+        self._thread.start()
+        try:
+            self._conn = await self._run(self._connect)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._thread.stop()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -243,7 +248,7 @@ class SQLiteStore:
             return
         await self._run(self._conn.close)
         self._conn = None
-        self._limiter = None
+        await self._thread.stop()
 
     # -- enqueue ----------------------------------------------------------------------------
 
