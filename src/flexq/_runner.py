@@ -31,15 +31,17 @@ log = structlog.get_logger("flexq")
 @dataclasses.dataclass(slots=True, eq=False)
 class _Attempt:
     job: ClaimedJob
-    scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope | None = None
+    """The scope of the worker while it runs this attempt's handler."""
     started: bool = False
     stop: str | None = None
-    """Why the attempt was cancelled from outside: "abort" or "shutdown"."""
+    """Why the attempt was stopped from outside: "abort" or "shutdown"."""
 
     def cancel(self, reason: str) -> None:
         if self.stop is None:
             self.stop = reason
-            self.scope.cancel()
+            if self.scope is not None:
+                self.scope.cancel()
 
 
 @dataclasses.dataclass(slots=True)
@@ -154,34 +156,59 @@ class Runner:
     # -- workers ----------------------------------------------------------------------------
 
     async def _work(self) -> None:
+        # A worker runs inside a cancel scope that lasts until an attempt is stopped from
+        # outside (abort, shutdown); then it starts a new one. One scope per job would cost
+        # more than the no-op job it guards.
+        current: list[_Attempt] = []
+        while True:
+            with anyio.CancelScope() as scope:
+                if await self._work_in(scope, current):
+                    return
+                continue
+            if current:
+                self._finish(current.pop())
+
+    async def _work_in(self, scope: anyio.CancelScope, current: list[_Attempt]) -> bool:
+        """Run jobs until closed (True) or until the scope must be replaced (False)."""
         while True:
             if not self._ready:
                 if self._closed:
-                    return
+                    return True
                 parked = anyio.Event()
                 self._parked.append(parked)
                 await parked.wait()
                 continue
-            job = self._ready.popleft()
-            outcome = await self._execute(job)
-            self._outbox.append(outcome)
-            self._outbox_ready.set()
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
-            self._on_slot_free()
+            attempt = self._held[self._ready.popleft().id]
+            if attempt.stop is not None:
+                self._finish(attempt)
+                continue
+            attempt.started = True
+            attempt.scope = scope
+            current.append(attempt)
+            result, error = await self._call(attempt)
+            current.clear()
+            attempt.scope = None
+            self._finish(attempt, result, error)
+            if attempt.stop is not None:
+                return False
             await anyio.lowlevel.checkpoint()
 
-    async def _execute(self, job: ClaimedJob) -> Outcome:
-        attempt = self._held[job.id]
-        result: str | None = None
-        error: BaseException | None = None
-        try:
-            if attempt.stop is None:
-                attempt.started = True
-                result, error = await self._call(attempt)
-        finally:
-            del self._held[job.id]
+    def _finish(
+        self, attempt: _Attempt, result: str | None = None, error: BaseException | None = None
+    ) -> None:
+        job = attempt.job
+        del self._held[job.id]
+        self._outbox.append(self._outcome(attempt, result, error))
+        self._outbox_ready.set()
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+        self._on_slot_free()
+
+    def _outcome(
+        self, attempt: _Attempt, result: str | None, error: BaseException | None
+    ) -> Outcome:
+        job = attempt.job
         if attempt.stop == "shutdown":
             return Outcome(job.id, State.QUEUED, release=True)
         if attempt.stop == "abort":
@@ -198,26 +225,22 @@ class Runner:
         job = attempt.job
         task = self._tasks[job.task]
         try:
-            with attempt.scope:
-                context = None
-                if task.context_parameter is not None:
-                    context = Context(self._queue, job, self._owner)
-                args, kwargs = task.arguments(context, loads(job.args), loads(job.kwargs))
-                if job.timeout is None:
+            context = None
+            if task.context_parameter is not None:
+                context = Context(self._queue, job, self._owner)
+            args, kwargs = task.arguments(context, loads(job.args), loads(job.kwargs))
+            if job.timeout is None:
+                value = await task.fn(*args, **kwargs)
+            else:
+                with anyio.move_on_after(job.timeout) as limit:
                     value = await task.fn(*args, **kwargs)
-                else:
-                    with anyio.move_on_after(job.timeout) as limit:
-                        value = await task.fn(*args, **kwargs)
-                    if limit.cancelled_caught:
-                        raise JobTimeout(
-                            f"attempt {job.attempt} ran over its {job.timeout} s timeout"
-                        )
-                if job.kind is Kind.FUTURE:
-                    return None, None
-                return dumps(value, "a task's return value"), None
+                if limit.cancelled_caught:
+                    raise JobTimeout(f"attempt {job.attempt} ran over its {job.timeout} s timeout")
+            if job.kind is Kind.FUTURE:
+                return None, None
+            return dumps(value, "a task's return value"), None
         except Exception as exc:
             return None, exc
-        return None, None
 
     def _failure(self, job: ClaimedJob, error: BaseException) -> Outcome:
         now = self._clock()

@@ -48,8 +48,7 @@ EnqueueResult = list[JobId] | DuplicateJob
 or the DuplicateJob that kept the unit from being written."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClaimedJob:
+class ClaimedJob(NamedTuple):
     """A job that a worker now holds a lease on."""
 
     id: JobId
@@ -67,8 +66,7 @@ class ClaimedJob:
     """Sort key inside a tenant: (-priority, kind rank, creation sequence)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How an attempt ended, to be written by :meth:`Store.report`.
 
     ``state`` is the job's next state: COMPLETED, FAILED, ABORTED, or back to SCHEDULED/QUEUED
