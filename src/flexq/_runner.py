@@ -228,7 +228,11 @@ class Runner:
             context = None
             if task.context_parameter is not None:
                 context = Context(self._queue, job, self._owner)
-            args, kwargs = task.arguments(context, loads(job.args), loads(job.kwargs))
+            args, kwargs = task.arguments(
+                context,
+                loads(job.args) if job.args != "[]" else [],
+                loads(job.kwargs) if job.kwargs != "{}" else {},
+            )
             if job.timeout is None:
                 value = await task.fn(*args, **kwargs)
             else:
@@ -236,7 +240,7 @@ class Runner:
                     value = await task.fn(*args, **kwargs)
                 if limit.cancelled_caught:
                     raise JobTimeout(f"attempt {job.attempt} ran over its {job.timeout} s timeout")
-            if job.kind is Kind.FUTURE:
+            if job.kind is Kind.FUTURE or value is None:
                 return None, None
             return dumps(value, "a task's return value"), None
         except Exception as exc:
