@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
 
     from flexq._store.base import ClaimedJob, EnqueueResult, EnqueueUnit, Outcome
+    from flexq.abc import Store
 
 T = TypeVar("T")
 
@@ -65,7 +66,41 @@ class StoreStats:
         entry.jobs += jobs
 
 
-class CountingSQLiteStore(SQLiteStore):
+class _CountingCalls:
+    """Counts the store calls that move jobs; mixed into a store class."""
+
+    stats: StoreStats
+
+    async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
+        self.stats.count("enqueue", sum(len(unit.jobs) for unit in units))
+        return await cast("Store", super()).enqueue(units, now)
+
+    async def claim(
+        self,
+        owner: str,
+        wanted: Mapping[str, int],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        jobs = await cast("Store", super()).claim(owner, wanted, tasks, now, lease_until)
+        self.stats.count("claim", len(jobs))
+        return jobs
+
+    async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[str]:
+        self.stats.count("report", len(outcomes))
+        return await cast("Store", super()).report(owner, outcomes, now)
+
+    async def promote(self, now: float) -> tuple[list[str], float | None]:
+        self.stats.count("promote", 0)
+        return await cast("Store", super()).promote(now)
+
+    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
+        self.stats.count("ready_tenants", 0)
+        return await cast("Store", super()).ready_tenants(tasks)
+
+
+class CountingSQLiteStore(_CountingCalls, SQLiteStore):
     """The SQLite store, counting calls and timing (or profiling) its database thread."""
 
     def __init__(self, path: str, stats: StoreStats) -> None:
@@ -87,61 +122,13 @@ class CountingSQLiteStore(SQLiteStore):
             self.stats.thread_seconds += time.perf_counter() - started
             self.stats.thread_calls += 1
 
-    async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
-        self.stats.count("enqueue", sum(len(unit.jobs) for unit in units))
-        return await super().enqueue(units, now)
 
-    async def claim(
-        self,
-        owner: str,
-        wanted: Mapping[str, int],
-        tasks: Collection[str],
-        now: float,
-        lease_until: float,
-    ) -> list[ClaimedJob]:
-        jobs = await super().claim(owner, wanted, tasks, now, lease_until)
-        self.stats.count("claim", len(jobs))
-        return jobs
-
-    async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[str]:
-        self.stats.count("report", len(outcomes))
-        return await super().report(owner, outcomes, now)
-
-    async def promote(self, now: float) -> tuple[list[str], float | None]:
-        self.stats.count("promote", 0)
-        return await super().promote(now)
-
-    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
-        self.stats.count("ready_tenants", 0)
-        return await super().ready_tenants(tasks)
-
-
-class CountingMemoryStore(MemoryStore):
+class CountingMemoryStore(_CountingCalls, MemoryStore):
     """The memory store, counting calls."""
 
     def __init__(self, stats: StoreStats) -> None:
         super().__init__()
         self.stats = stats
-
-    async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
-        self.stats.count("enqueue", sum(len(unit.jobs) for unit in units))
-        return await super().enqueue(units, now)
-
-    async def claim(
-        self,
-        owner: str,
-        wanted: Mapping[str, int],
-        tasks: Collection[str],
-        now: float,
-        lease_until: float,
-    ) -> list[ClaimedJob]:
-        jobs = await super().claim(owner, wanted, tasks, now, lease_until)
-        self.stats.count("claim", len(jobs))
-        return jobs
-
-    async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[str]:
-        self.stats.count("report", len(outcomes))
-        return await super().report(owner, outcomes, now)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
