@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 
 import flexq
 from tests.conftest import make_queue
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 async def test_enqueue_runs_the_job_and_wait_returns_its_result(queue_url: str) -> None:
@@ -502,3 +505,15 @@ async def test_statistics_count_what_happened(queue_url: str) -> None:
             await queue.wait(job_id, timeout=10)
         stats = queue.statistics()
     assert (stats.workers, stats.claimed, stats.completed, stats.failed) == (3, 5, 5, 0)
+
+
+async def test_store_failures_surface_as_store_error(tmp_path: Path) -> None:
+    """A database that cannot be opened or written raises StoreError, a FlexqError."""
+    missing_dir = make_queue(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'q.db'}")
+    with pytest.raises(flexq.StoreError) as caught:
+        await missing_dir.open()
+    assert caught.value.__cause__ is not None
+    not_a_database = tmp_path / "garbage.db"
+    not_a_database.write_bytes(b"this is not SQLite" * 512)
+    with pytest.raises(flexq.StoreError):
+        await make_queue(f"sqlite:///{not_a_database}").open()

@@ -12,6 +12,7 @@ from flexq._errors import JobNotFound as JobNotFound
 from flexq._errors import JobTimeout as JobTimeout
 from flexq._errors import LimitExceeded as LimitExceeded
 from flexq._errors import QueueClosed as QueueClosed
+from flexq._errors import StoreError as StoreError
 from flexq._errors import UnknownTask as UnknownTask
 from flexq._errors import WaitTimeout as WaitTimeout
 from flexq._models import JSON as JSON
@@ -53,6 +54,7 @@ __all__ = [
     "QueueClosed",
     "QueueStatistics",
     "State",
+    "StoreError",
     "Task",
     "UnknownTask",
     "WaitTimeout",

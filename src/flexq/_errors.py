@@ -50,6 +50,14 @@ class DuplicateJob(FlexqError):
         self.existing_id = existing_id
 
 
+class StoreError(FlexqError):
+    """The store failed (database unreachable, locked too long, disk full...).
+
+    The call had no effect: its transaction was rolled back. ``__cause__`` holds the driver's
+    exception.
+    """
+
+
 class LimitExceeded(FlexqError):
     """A configured limit would be exceeded; nothing was written."""
 

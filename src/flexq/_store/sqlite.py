@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound
+from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, StoreError
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps
 from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
@@ -181,7 +181,10 @@ class SQLiteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._thread.running:
             raise FlexqError("the SQLite store is not open")
-        return await self._thread.run(fn, *args)
+        try:
+            return await self._thread.run(fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path!r}: {exc}") from exc
 
     @property
     def _db(self) -> sqlite3.Connection:
