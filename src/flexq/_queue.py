@@ -284,11 +284,16 @@ class Queue:
             upkeep,
         )
         self._dispatcher_done = anyio.Event()
+        await upkeep.recover()
         group = anyio.create_task_group()
         await group.__aenter__()
+        try:
+            await group.start(runner.run)
+        except BaseException as exc:
+            group.cancel_scope.cancel()
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         self._group = group
-        await upkeep.recover()
-        await group.start(runner.run)
         if monitor.enabled:
             group.start_soon(monitor.run)
         group.start_soon(upkeep.renew_forever)
