@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
-from flexq._errors import DuplicateJob
+from flexq._errors import DuplicateJob, InvalidArguments
 from flexq._models import JobError, JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import loads
-from flexq._states import Kind, State
+from flexq._states import Kind, State, check_transition
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -206,6 +206,22 @@ class Store(Protocol):
 
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs that finished before the time; return how many."""
+
+
+def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Validate outcomes before any is written; keep the first one of each job.
+
+    Raises IllegalTransition for a move the table forbids, and InvalidArguments for a retry
+    without its error or time.
+    """
+    first: dict[JobId, Outcome] = {}
+    for outcome in outcomes:
+        check_transition(State.PROCESSING, outcome.state, outcome.job_id)
+        retry = outcome.state in (State.QUEUED, State.SCHEDULED) and not outcome.release
+        if retry and (outcome.error is None or outcome.run_at is None):
+            raise InvalidArguments(f"a retry of job {outcome.job_id!r} needs its error and run_at")
+        first.setdefault(outcome.job_id, outcome)
+    return list(first.values())
 
 
 def error_record(

@@ -21,6 +21,7 @@ from flexq._store.base import (
     NewJob,
     Outcome,
     Recovered,
+    checked_outcomes,
     job_info,
     lease_error,
 )
@@ -234,8 +235,7 @@ class MemoryStore:
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         await anyio.lowlevel.checkpoint()
         written: list[JobId] = []
-        for outcome in outcomes:
-            check_transition(State.PROCESSING, outcome.state, outcome.job_id)
+        for outcome in checked_outcomes(outcomes):
             row = self._held(owner, outcome.job_id)
             if row is None:
                 continue
@@ -246,7 +246,7 @@ class MemoryStore:
                 row.attempts -= 1
                 self._set_waiting(row, State.QUEUED, row.run_at)
             elif outcome.state in (State.QUEUED, State.SCHEDULED):
-                self._set_waiting(row, outcome.state, outcome.run_at or now)
+                self._set_waiting(row, outcome.state, outcome.run_at)  # type: ignore[arg-type]
             else:
                 row.result = outcome.result
                 self._finish(row, outcome.state, now)
@@ -344,15 +344,15 @@ class MemoryStore:
 
     async def prune(self, finished_before: float, limit: int) -> int:
         await anyio.lowlevel.checkpoint()
-        doomed = [
-            job_id
+        finished = sorted(
+            (row.finished_at, row.seq, job_id)
             for job_id, row in self._rows.items()
             if row.state.is_final and row.finished_at is not None
             and row.finished_at < finished_before
-        ][:limit]  # fmt: skip
-        for job_id in doomed:
+        )  # fmt: skip
+        for _, _, job_id in finished[:limit]:
             del self._rows[job_id]
-        return len(doomed)
+        return len(finished[:limit])
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -365,7 +365,7 @@ class MemoryStore:
 
     async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
         await anyio.lowlevel.checkpoint()
-        return [self._rows[i].info() for i in job_ids if i in self._rows]
+        return [self._rows[i].info() for i in dict.fromkeys(job_ids) if i in self._rows]
 
     async def jobs(
         self, where: JobFilter, *, after_seq: int | None, offset: int, limit: int

@@ -27,6 +27,7 @@ from flexq._store.base import (
     NewJob,
     Outcome,
     Recovered,
+    checked_outcomes,
     job_info,
     lease_error,
 )
@@ -44,7 +45,7 @@ _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS flexq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flexq_jobs (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     task TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -267,6 +268,8 @@ class SQLiteStore:
                     unkeyed.extend(_insert_row(job, now) for job in unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
+                db.executemany(_INSERT, unkeyed)  # keep creation order: earlier units first
+                unkeyed.clear()
                 db.execute("SAVEPOINT flexq_unit")
                 try:
                     results.append(self._insert_keyed(db, unit, now))
@@ -335,7 +338,7 @@ class SQLiteStore:
                 if count <= 0 or tenant in paused_tenants:
                     continue
                 rows = db.execute(sql, (now, owner, lease_until, tenant, count, *runnable))
-                claimed.extend(map(_claimed, rows))
+                claimed.extend(sorted(map(_claimed, rows), key=_by_order))
         return claimed
 
     async def has_suspects(self) -> bool:
@@ -378,9 +381,7 @@ class SQLiteStore:
         return sorted(tasks - paused[PauseScope.TASK])
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
-        for outcome in outcomes:
-            check_transition(State.PROCESSING, outcome.state, outcome.job_id)
-        return await self._run(self._report, owner, outcomes, now)
+        return await self._run(self._report, owner, checked_outcomes(outcomes), now)
 
     def _report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         written: list[JobId] = []
@@ -526,7 +527,9 @@ class SQLiteStore:
         with self._transaction() as db:
             cursor = db.execute(
                 "DELETE FROM flexq_jobs WHERE seq IN (SELECT seq FROM flexq_jobs"
-                f" WHERE finished_at < ? AND state IN ({_FINAL}) LIMIT ?)",
+                " INDEXED BY flexq_jobs_finished"
+                f" WHERE finished_at < ? AND state IN ({_FINAL}) ORDER BY finished_at, seq"
+                " LIMIT ?)",
                 (finished_before, limit),
             )
             return cursor.rowcount
@@ -632,6 +635,10 @@ def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
         kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9], parent_id=row[10],
         order=(-row[4], row[11], row[12]),
     )  # fmt: skip
+
+
+def _by_order(job: ClaimedJob) -> tuple[int, int, int]:
+    return job.order
 
 
 def _where(where: JobFilter) -> tuple[str, list[Any]]:
