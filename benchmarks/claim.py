@@ -84,7 +84,7 @@ async def measure(
         claim = await _claims(store, rounds, batch, direct=False)
         direct = await _claims(store, rounds, batch, direct=True)
         ready = await _timed(rounds, lambda: store.ready_tenants({NOOP_TASK}))
-        suspects = await _timed(rounds, store.has_suspects)
+        suspects = await _timed(rounds, lambda: store.has_suspects({NOOP_TASK}))
         promote = await _timed(rounds, lambda: store.promote(time.time()))
         foreign = await _timed(
             rounds,

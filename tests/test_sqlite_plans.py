@@ -41,7 +41,7 @@ def test_ready_tenants_is_a_loose_index_scan(db: sqlite3.Connection) -> None:
 def test_suspects_and_promotion_and_recovery_use_partial_indexes(db: sqlite3.Connection) -> None:
     """Suspects, due scheduled jobs and expired leases are found through their own indexes."""
     suspect_sql = store_sql._CLAIM_SUSPECT.format(
-        marks="?4", paused_tenants="SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
+        suspect=store_sql._SUSPECT.format(marks="?4", paused_tenants=store_sql._PAUSED_TENANTS)
     )
     assert "flexq_jobs_suspects" in plan(db, suspect_sql, (1.0, "o", 2.0, "t"))
     statements: list[str] = []

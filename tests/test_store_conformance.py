@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from flexq import DuplicateJob, IllegalTransition, JobNotFound, Kind, PauseScope, State
+from flexq import (
+    DuplicateJob,
+    IllegalTransition,
+    InvalidArguments,
+    JobNotFound,
+    Kind,
+    PauseScope,
+    State,
+)
 from flexq.abc import EnqueueUnit, JobFilter, NewJob, Outcome, Store
 
 T0 = 1_700_000_000.0
@@ -327,17 +335,39 @@ async def test_requeued_jobs_are_suspects_claimed_only_alone(store: Store) -> No
     """A job whose lease expired is left out of normal claims and claimed on its own."""
     await put(store, job("a"), job("b"), job("c", tenant="other"))
     await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 10)
-    assert not await store.has_suspects()
+    assert not await store.has_suspects(TASKS)
     assert (await store.recover(T0 + 11, 3)).requeued == ["a"]
-    assert await store.has_suspects()
+    assert await store.has_suspects(TASKS)
+    assert not await store.has_suspects({"u"})
     assert await store.ready_tenants(TASKS) == ["acme", "other"]
     assert await claim(store, now=T0 + 12) == ["b"]
     await store.set_pause(PauseScope.TENANT, "acme", True, T0)
+    assert not await store.has_suspects(TASKS)
     assert await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22) is None
     await store.set_pause(PauseScope.TENANT, "acme", False, T0)
     assert await store.claim_suspect(OWNER, {"u"}, T0 + 12, T0 + 22) is None
     suspect = await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22)
     assert suspect is not None
     assert (suspect.id, suspect.attempt) == ("a", 2)
-    assert not await store.has_suspects()
+    assert not await store.has_suspects(TASKS)
     assert await store.claim_suspect(OWNER, TASKS, T0 + 12, T0 + 22) is None
+
+
+async def test_released_job_whose_abort_was_requested_ends_aborted(store: Store) -> None:
+    """Shutdown must not send back to the queue a job someone asked to abort."""
+    await put(store, job("a"))
+    await claim(store)
+    await store.request_abort("a", T0)
+    assert await store.report(OWNER, [Outcome("a", State.QUEUED, release=True)], T0 + 1) == ["a"]
+    info = await store.get("a")
+    assert (info.state, info.attempts) == (State.ABORTED, 0)
+    assert info.finished_at is not None
+
+
+async def test_retry_outcome_without_error_or_time_is_rejected(store: Store) -> None:
+    """A retry must say why and when; a malformed one raises and writes nothing."""
+    await put(store, job("a"))
+    await claim(store)
+    with pytest.raises(InvalidArguments):
+        await store.report(OWNER, [Outcome("a", State.SCHEDULED, run_at=T0 + 5)], T0)
+    assert (await store.get("a")).state is State.PROCESSING

@@ -146,7 +146,7 @@ async def _snapshot(store: Store) -> Snapshot:
         ready_tenants=await store.ready_tenants(TASKS),
         counts=await store.counts(JobFilter()),
         pauses=await store.pauses(),
-        has_suspects=await store.has_suspects(),
+        has_suspects=await store.has_suspects(ALL_TASKS),
     )
 
 
@@ -330,7 +330,12 @@ class StoreComparison(RuleBasedStateMachine):
             }
         )
         assert memory_snapshot.has_suspects == sqlite_snapshot.has_suspects
-        assert memory_snapshot.has_suspects == any(map(self.is_suspect, view))
+        assert memory_snapshot.has_suspects == any(
+            self.is_suspect(j)
+            and view[j].task in self.runnable(ALL_TASKS)
+            and (PauseScope.TENANT, view[j].tenant) not in self.pauses
+            for j in view
+        )
         assert memory_snapshot.counts == sqlite_snapshot.counts
         assert memory_snapshot.counts == dict(Counter(info.state for info in view.values()))
         # Pauses made at the same time are listed in different orders; the order is unspecified.
@@ -613,7 +618,9 @@ class StoreComparison(RuleBasedStateMachine):
         for job_id in expected:
             outcome, kind = by_id[job_id]
             old, new = before[job_id], self.view[job_id]
-            target = State.QUEUED if outcome.release else outcome.state
+            target = outcome.state
+            if outcome.release:
+                target = State.ABORTED if old.abort_requested else State.QUEUED
             assert new.state is target, f"{job_id}: {kind} left it {new.state}"
             assert new.attempts == old.attempts - (1 if outcome.release else 0)
             assert len(new.errors) == len(old.errors) + (outcome.error is not None)

@@ -85,7 +85,8 @@ class Dispatcher:
             if self._stopped:
                 return
             if self._monitor.overloaded:
-                await self._monitor.wait_until_clear()
+                with anyio.move_on_after(self._poll_interval):
+                    await self._monitor.wait_until_clear()
                 continue
             try:
                 await self._dispatch()
@@ -99,7 +100,8 @@ class Dispatcher:
         if self._next_run_at is not None:
             deadline = min(deadline, self._next_run_at)
         wait = deadline - now
-        if self._runner.free_slots and self._fairness:
+        blocked = (self._isolating or self._suspects) and self._runner.in_flight
+        if self._runner.free_slots and self._fairness and not blocked:
             wait = 0.0
         if wait > 0:
             with anyio.move_on_after(wait):
@@ -115,7 +117,7 @@ class Dispatcher:
             self._fairness.add(tenants)
         if now >= self._next_poll:
             self._fairness.add(await self._store.ready_tenants(self._tasks))
-            self._suspects = await self._store.has_suspects()
+            self._suspects = await self._store.has_suspects(self._tasks)
             self._next_poll = self._clock() + self._poll_interval
         if self._isolating or self._suspects:
             if self._runner.in_flight:

@@ -7,7 +7,7 @@ import math
 import os
 import socket
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
 import anyio
@@ -52,6 +52,16 @@ class _Options(NamedTuple):
     priority: int | None
     run_at: float
     key: str | None
+
+
+class _Waiter:
+    """The callers of :meth:`Queue.wait` for one job, woken when this process finishes it."""
+
+    __slots__ = ("count", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.count = 0
 
 
 class _JobIds:
@@ -145,7 +155,7 @@ class Queue:
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
         self._enqueuer: GroupCommit[EnqueueUnit, EnqueueResult] = GroupCommit(self._write_units)
-        self._waiters: dict[JobId, anyio.Event] = {}
+        self._waiters: dict[JobId, _Waiter] = {}
         self._open = False
         self._group: anyio.abc.TaskGroup | None = None
         self._dispatcher: Dispatcher | None = None
@@ -232,7 +242,13 @@ class Queue:
         self._open = True
 
     async def close(self) -> None:
-        """Close the store; the queue may be opened again."""
+        """Close the store; the queue may be opened again.
+
+        Raises:
+            FlexqError: workers run (leave ``async with queue:`` instead).
+        """
+        if self._group is not None:
+            raise FlexqError("workers are running: leave `async with queue:` to stop them")
         if not self._open:
             return
         self._open = False
@@ -296,8 +312,7 @@ class Queue:
         self._group = group
         if monitor.enabled:
             group.start_soon(monitor.run)
-        group.start_soon(upkeep.renew_forever)
-        group.start_soon(upkeep.recover_forever)
+        group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
 
@@ -318,9 +333,9 @@ class Queue:
                 await self._dispatcher_done.wait()
                 await runner.drain(self.grace_period)
         finally:
+            self._group = None
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
-            self._group = None
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:
@@ -338,9 +353,9 @@ class Queue:
                 self._dispatcher.poll_now()
 
     def _job_finished(self, job_id: JobId) -> None:
-        event = self._waiters.pop(job_id, None)
-        if event is not None:
-            event.set()
+        waiter = self._waiters.pop(job_id, None)
+        if waiter is not None:
+            waiter.event.set()
 
     def _abort_held(self, job_ids: list[JobId]) -> None:
         if self._runner is not None:
@@ -489,9 +504,9 @@ class Queue:
     ) -> _Options:
         """Validate the enqueue options of one call (or of many that share them)."""
         tenant = DEFAULT_TENANT if tenant is None else tenant
-        if not isinstance(tenant, str) or not tenant or len(tenant) > 256:
+        if not _is_text(tenant, 256):
             raise InvalidArguments(f"tenant must be a non-empty string of <= 256 chars: {tenant!r}")
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+        if key is not None and not _is_text(key, 512):
             raise InvalidArguments(f"key must be a non-empty string of <= 512 chars: {key!r}")
         if priority is not None:
             check_priority(priority)
@@ -540,12 +555,18 @@ class Queue:
         self._check_open()
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while True:
-                event = self._waiters.setdefault(job_id, anyio.Event())
-                info = await self._store.get(job_id)
-                if info.is_final:
-                    return info
-                with anyio.move_on_after(self.poll_interval):
-                    await event.wait()
+                waiter = self._waiters.setdefault(job_id, _Waiter())
+                waiter.count += 1
+                try:
+                    info = await self._store.get(job_id)
+                    if info.is_final:
+                        return info
+                    with anyio.move_on_after(self.poll_interval):
+                        await waiter.event.wait()
+                finally:
+                    waiter.count -= 1
+                    if not waiter.count and self._waiters.get(job_id) is waiter:
+                        del self._waiters[job_id]
         raise WaitTimeout(f"job {job_id!r} was not final after {timeout} s")
 
     async def jobs(
@@ -703,6 +724,17 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
         raise InvalidArguments(f"{name} must be a positive number of seconds, not {value!r}")
 
 
+def _is_text(value: object, max_length: int) -> bool:
+    """A non-empty string of at most ``max_length`` characters that UTF-8 can encode."""
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_on_duplicate(on_duplicate: object) -> None:
     if on_duplicate not in ("raise", "return"):
         raise InvalidArguments(f"on_duplicate must be 'raise' or 'return', not {on_duplicate!r}")
@@ -714,14 +746,21 @@ def _timestamp(moment: datetime) -> float:
     return moment.timestamp()
 
 
+LATEST = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
+"""The latest run_at a job may have (dates past year 9999 do not exist)."""
+
+
 def _start_time(now: float, delay: float | None, run_at: datetime | None) -> float:
     if delay is not None and run_at is not None:
         raise InvalidArguments("give delay or run_at, not both")
+    start = now
     if delay is not None:
         _check_seconds("delay", delay, allow_zero=True)
-        return now + delay
-    if run_at is not None:
+        start = now + delay
+    elif run_at is not None:
         if not isinstance(run_at, datetime):
             raise InvalidArguments(f"run_at must be a datetime, not {run_at!r}")
-        return _timestamp(run_at)
-    return now
+        start = _timestamp(run_at)
+    if start > LATEST:
+        raise InvalidArguments("a job may not wait past the year 9000")
+    return start

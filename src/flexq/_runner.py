@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import traceback
@@ -11,7 +12,7 @@ import anyio
 import structlog
 
 from flexq._context import Context
-from flexq._errors import JobTimeout
+from flexq._errors import InvalidArguments, JobTimeout
 from flexq._serialize import dumps, loads
 from flexq._states import Kind, State
 from flexq._store.base import ClaimedJob, Outcome, error_record
@@ -130,11 +131,18 @@ class Runner:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the workers and the reporter until cancelled."""
-        async with anyio.create_task_group() as group:
-            for _ in range(self.workers):
-                group.start_soon(self._work)
-            group.start_soon(self._report_forever)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(self.workers):
+                    group.start_soon(self._work)
+                group.start_soon(self._report_forever)
+                task_status.started()
+        finally:
+            # However the workers ended, no job may stay held by nobody: release the rest.
+            self._closed = True
+            for attempt in list(self._held.values()):
+                attempt.stop = attempt.stop or "shutdown"
+                self._finish(attempt, interrupted=True)
 
     async def drain(self, grace_period: float) -> None:
         """Stop taking jobs, let running ones finish for ``grace_period``, release the rest."""
@@ -150,7 +158,8 @@ class Runner:
         for attempt in list(self._held.values()):
             attempt.cancel("shutdown")
         if self._in_flight:
-            await self._idle.wait()
+            with anyio.move_on_after(grace_period):
+                await self._idle.wait()
         await self._report()
 
     # -- workers ----------------------------------------------------------------------------
@@ -160,13 +169,19 @@ class Runner:
         # outside (abort, shutdown); then it starts a new one. One scope per job would cost
         # more than the no-op job it guards.
         current: list[_Attempt] = []
-        while True:
-            with anyio.CancelScope() as scope:
-                if await self._work_in(scope, current):
-                    return
-                continue
-            if current:
-                self._finish(current.pop())
+        try:
+            while True:
+                with anyio.CancelScope() as scope:
+                    if await self._work_in(scope, current):
+                        return
+                    continue
+                if current:
+                    self._finish(current.pop(), interrupted=True)
+        finally:
+            if current:  # cancelled from outside the queue: the attempt goes back to the queue
+                attempt = current.pop()
+                attempt.stop = attempt.stop or "shutdown"
+                self._finish(attempt, interrupted=True)
 
     async def _work_in(self, scope: anyio.CancelScope, current: list[_Attempt]) -> bool:
         """Run jobs until closed (True) or until the scope must be replaced (False)."""
@@ -180,7 +195,7 @@ class Runner:
                 continue
             attempt = self._held[self._ready.popleft().id]
             if attempt.stop is not None:
-                self._finish(attempt)
+                self._finish(attempt, interrupted=True)
                 continue
             attempt.started = True
             attempt.scope = scope
@@ -189,16 +204,21 @@ class Runner:
             current.clear()
             attempt.scope = None
             self._finish(attempt, result, error)
-            if attempt.stop is not None:
+            if scope.cancel_called:
                 return False
             await anyio.lowlevel.checkpoint()
 
     def _finish(
-        self, attempt: _Attempt, result: str | None = None, error: BaseException | None = None
+        self,
+        attempt: _Attempt,
+        result: str | None = None,
+        error: BaseException | None = None,
+        *,
+        interrupted: bool = False,
     ) -> None:
         job = attempt.job
         del self._held[job.id]
-        self._outbox.append(self._outcome(attempt, result, error))
+        self._outbox.append(self._outcome(attempt, result, error, interrupted))
         self._outbox_ready.set()
         self._in_flight -= 1
         if not self._in_flight:
@@ -206,12 +226,14 @@ class Runner:
         self._on_slot_free()
 
     def _outcome(
-        self, attempt: _Attempt, result: str | None, error: BaseException | None
+        self, attempt: _Attempt, result: str | None, error: BaseException | None, interrupted: bool
     ) -> Outcome:
         job = attempt.job
-        if attempt.stop == "shutdown":
+        # A stop counts unless the handler ran to its end regardless (it returned a value).
+        stopped = interrupted or error is not None or not attempt.started
+        if stopped and attempt.stop == "shutdown":
             return Outcome(job.id, State.QUEUED, release=True)
-        if attempt.stop == "abort":
+        if stopped and attempt.stop == "abort":
             self.counters.aborted += 1
             log.info("job aborted", job_id=job.id, tenant=job.tenant, task=job.task,
                      attempt=job.attempt)  # fmt: skip
@@ -240,15 +262,25 @@ class Runner:
                     value = await task.fn(*args, **kwargs)
                 if limit.cancelled_caught:
                     raise JobTimeout(f"attempt {job.attempt} ran over its {job.timeout} s timeout")
-            if job.kind is Kind.FUTURE or value is None:
-                return None, None
-            return dumps(value, "a task's return value"), None
         except Exception as exc:
             return None, exc
+        except anyio.get_cancelled_exc_class() as exc:
+            if not _stray_cancellation():
+                raise
+            return None, exc
+        if job.kind is Kind.FUTURE or value is None:
+            return None, None
+        try:
+            return dumps(value, "a task's return value"), None
+        except InvalidArguments as exc:
+            return None, _NotRetried(exc)
 
     def _failure(self, job: ClaimedJob, error: BaseException) -> Outcome:
         now = self._clock()
         task = self._tasks[job.task]
+        final = isinstance(error, _NotRetried)
+        if isinstance(error, _NotRetried):
+            error = error.error
         record = dumps(
             error_record(
                 _qualified_name(type(error)),
@@ -260,7 +292,7 @@ class Runner:
             "error",
         )
         fields = {"job_id": job.id, "tenant": job.tenant, "task": job.task, "attempt": job.attempt}
-        if job.attempt < job.max_attempts:
+        if job.attempt < job.max_attempts and not final:
             delay = (task.backoff or self._backoff).delay(job.attempt)
             self.counters.retried += 1
             log.warning("job attempt failed, will retry", delay=round(delay, 3),
@@ -293,6 +325,28 @@ class Runner:
                     await anyio.sleep(0.5)
                     continue
                 self._on_written([outcome for outcome in batch if outcome.job_id in written])
+
+
+class _NotRetried(Exception):
+    """Wraps an error that another attempt cannot mend (a result that is not JSON)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _stray_cancellation() -> bool:
+    """Whether a cancellation exception came from the handler's own code, not a cancel scope.
+
+    Under asyncio a handler may raise CancelledError by awaiting a future someone else
+    cancelled; that is the handler's failure. A real cancellation of this task has a pending
+    cancel request. (trio's Cancelled cannot be raised by user code.)
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    return task is not None and task.cancelling() == 0
 
 
 def _qualified_name(cls: type) -> str:

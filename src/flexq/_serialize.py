@@ -7,7 +7,8 @@ from typing import Any
 
 from flexq._errors import InvalidArguments
 
-_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+# ASCII output: a lone surrogate (from a surrogateescape file name, say) stays a valid escape.
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=True)
 loads = json.loads
 
 

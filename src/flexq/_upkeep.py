@@ -46,23 +46,27 @@ class Upkeep:
         self._on_recovered = on_recovered
         self.pruned = 0
 
-    async def renew_forever(self) -> None:
-        """Extend this process's leases every third of a lease; pass on abort requests."""
+    async def maintain_forever(self) -> None:
+        """Every third of a lease: extend this process's leases, then recover expired ones.
+
+        Renewing first, in the same task, means that a process whose loop was blocked for a
+        while extends its own leases before it looks for expired ones, so it never takes its
+        own running jobs for dead.
+        """
         while True:
             await anyio.sleep(self._lease / 3)
-            try:
-                aborted = await self._store.renew(self._owner, self._clock() + self._lease)
-            except Exception as exc:
-                log.error("could not renew leases", error=repr(exc))
-                continue
-            if aborted:
-                self._on_abort_requested(aborted)
-
-    async def recover_forever(self) -> None:
-        """Return jobs whose lease expired (their worker died) to the queue."""
-        while True:
+            await self.renew()
             await self.recover()
-            await anyio.sleep(min(self._lease / 2, 5.0))
+
+    async def renew(self) -> None:
+        """Extend this process's leases; pass on abort requests for the jobs it holds."""
+        try:
+            aborted = await self._store.renew(self._owner, self._clock() + self._lease)
+        except Exception as exc:
+            log.error("could not renew leases", error=repr(exc))
+            return
+        if aborted:
+            self._on_abort_requested(aborted)
 
     async def recover(self) -> None:
         """One recovery pass."""

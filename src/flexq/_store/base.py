@@ -140,7 +140,8 @@ class Store(Protocol):
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         """Write outcomes of jobs ``owner`` holds; return the ids written.
 
-        An outcome for a job whose lease ``owner`` no longer holds is dropped.
+        An outcome for a job whose lease ``owner`` no longer holds is dropped. A released job
+        whose abort was requested ends ABORTED rather than QUEUED.
         """
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
@@ -156,8 +157,8 @@ class Store(Protocol):
         ``attempts`` may exceed ``max_attempts`` after crashes.
         """
 
-    async def has_suspects(self) -> bool:
-        """Whether any QUEUED job has had its lease expire before."""
+    async def has_suspects(self, tasks: Collection[str]) -> bool:
+        """Whether :meth:`claim_suspect` would find a job of ``tasks`` now."""
 
     async def claim_suspect(
         self, owner: str, tasks: Collection[str], now: float, lease_until: float

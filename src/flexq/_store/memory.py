@@ -218,19 +218,23 @@ class MemoryStore:
     def _suspects(self) -> list[_Row]:
         return [r for r in self._rows.values() if r.state is State.QUEUED and r.lease_expiries]
 
-    async def has_suspects(self) -> bool:
+    async def has_suspects(self, tasks: Collection[str]) -> bool:
         await anyio.lowlevel.checkpoint()
-        return bool(self._suspects())
+        return self._first_suspect(tasks) is not None
+
+    def _first_suspect(self, tasks: Collection[str]) -> _Row | None:
+        runnable = self._runnable(tasks)
+        for row in self._suspects():
+            if row.job.task in runnable and (PauseScope.TENANT, row.job.tenant) not in self._pauses:
+                return row
+        return None
 
     async def claim_suspect(
         self, owner: str, tasks: Collection[str], now: float, lease_until: float
     ) -> ClaimedJob | None:
         await anyio.lowlevel.checkpoint()
-        runnable = self._runnable(tasks)
-        for row in self._suspects():
-            if row.job.task in runnable and (PauseScope.TENANT, row.job.tenant) not in self._pauses:
-                return self._take(row, owner, now, lease_until)
-        return None
+        row = self._first_suspect(tasks)
+        return None if row is None else self._take(row, owner, now, lease_until)
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
         await anyio.lowlevel.checkpoint()
@@ -244,7 +248,10 @@ class MemoryStore:
             row.lease_owner = None
             if outcome.release:
                 row.attempts -= 1
-                self._set_waiting(row, State.QUEUED, row.run_at)
+                if row.abort_requested:
+                    self._finish(row, State.ABORTED, now)
+                else:
+                    self._set_waiting(row, State.QUEUED, row.run_at)
             elif outcome.state in (State.QUEUED, State.SCHEDULED):
                 self._set_waiting(row, outcome.state, outcome.run_at)  # type: ignore[arg-type]
             else:

@@ -124,17 +124,21 @@ RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts
     parent_id, kind_rank, seq
 """
 
+_PAUSED_TENANTS = "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
+
+_SUSPECT = """
+SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_suspects
+WHERE state = 'QUEUED' AND lease_expiries > 0 AND task IN ({marks})
+    AND tenant NOT IN ({paused_tenants})
+ORDER BY seq
+LIMIT 1
+"""
+
 _CLAIM_SUSPECT = """
 UPDATE flexq_jobs
 SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
-WHERE seq = (
-    SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_suspects
-    WHERE state = 'QUEUED' AND lease_expiries > 0 AND task IN ({marks})
-        AND tenant NOT IN ({paused_tenants})
-    ORDER BY seq
-    LIMIT 1
-)
+WHERE seq = ({suspect})
 RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
     parent_id, kind_rank, seq
 """
@@ -341,14 +345,21 @@ class SQLiteStore:
                 claimed.extend(sorted(map(_claimed, rows), key=_by_order))
         return claimed
 
-    async def has_suspects(self) -> bool:
-        rows = await self._run(
-            self._select,
-            "SELECT 1 FROM flexq_jobs INDEXED BY flexq_jobs_suspects"
-            " WHERE state = 'QUEUED' AND lease_expiries > 0 LIMIT 1",
-            (),
-        )
-        return bool(rows)
+    async def has_suspects(self, tasks: Collection[str]) -> bool:
+        return await self._run(self._has_suspects, set(tasks))
+
+    def _has_suspects(self, tasks: set[str]) -> bool:
+        runnable = self._runnable(self._db, tasks)
+        if not runnable:
+            return False
+        row = self._db.execute(
+            _SUSPECT.format(
+                marks=", ".join(f"?{1 + i}" for i in range(len(runnable))),
+                paused_tenants=_PAUSED_TENANTS,
+            ),
+            runnable,
+        ).fetchone()
+        return row is not None
 
     async def claim_suspect(
         self, owner: str, tasks: Collection[str], now: float, lease_until: float
@@ -362,11 +373,12 @@ class SQLiteStore:
             runnable = self._runnable(db, tasks)
             if not runnable:
                 return None
-            marks = ", ".join(f"?{4 + i}" for i in range(len(runnable)))
-            paused_tenants = "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
+            suspect = _SUSPECT.format(
+                marks=", ".join(f"?{4 + i}" for i in range(len(runnable))),
+                paused_tenants=_PAUSED_TENANTS,
+            )
             row = db.execute(
-                _CLAIM_SUSPECT.format(marks=marks, paused_tenants=paused_tenants),
-                (now, owner, lease_until, *runnable),
+                _CLAIM_SUSPECT.format(suspect=suspect), (now, owner, lease_until, *runnable)
             ).fetchone()
         return None if row is None else _claimed(row)
 
@@ -609,8 +621,10 @@ def _outcome_update(outcome: Outcome, now: float) -> tuple[str, tuple[Any, ...]]
     state = outcome.state
     if outcome.release:
         return (
-            f"UPDATE flexq_jobs SET state = 'QUEUED', attempts = attempts - 1, {_RELEASE_LEASE}",
-            (),
+            "UPDATE flexq_jobs SET attempts = attempts - 1,"
+            " state = CASE WHEN abort_requested THEN 'ABORTED' ELSE 'QUEUED' END,"
+            f" finished_at = CASE WHEN abort_requested THEN ? END, {_RELEASE_LEASE}",
+            (now,),
         )
     if state in (State.QUEUED, State.SCHEDULED):
         return (
