@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from benchmarks._common import FILL_TENANTS, NOOP_TASK, fill
 from flexq._states import State
 from flexq._store.base import Outcome
-from flexq._store.sqlite import _CLAIM, SQLiteStore
+from flexq._store.sqlite import SQLiteStore, claim_sql
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -47,16 +47,10 @@ class ClaimCost:
         return statistics.median(samples) * 1000
 
 
-def claim_sql(tasks: list[str]) -> str:
-    """The claim statement exactly as the SQLite store builds it for ``tasks``."""
-    marks = ", ".join(f"?{6 + i}" for i in range(len(tasks)))
-    return _CLAIM.format(task_filter=f"AND task IN ({marks})")
-
-
 async def query_plan(store: SQLiteStore, tenant: str, batch: int) -> list[str]:
     """EXPLAIN QUERY PLAN of the claim statement, one line per plan step."""
     now = time.time()
-    sql = "EXPLAIN QUERY PLAN " + claim_sql([NOOP_TASK])
+    sql = "EXPLAIN QUERY PLAN " + claim_sql(1)
     rows = await store._run(store._select, sql, (now, OWNER, now + LEASE, tenant, batch, NOOP_TASK))
     return [f"{'  ' * _depth(rows, row)}{row[3]}" for row in rows]
 

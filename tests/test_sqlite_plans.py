@@ -24,11 +24,10 @@ def plan(db: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> str:
 
 
 def test_claim_seeks_the_ready_index_by_tenant(db: sqlite3.Connection) -> None:
-    """Claiming reads a tenant's best jobs straight off the partial ready index."""
-    sql = store_sql._CLAIM.format(task_filter="AND task IN (?6)")
-    text = plan(db, sql, (1.0, "o", 2.0, "acme", 8, "t"))
-    assert "USING INDEX flexq_jobs_ready (tenant=?)" in text
-    assert "TEMP B-TREE" not in text
+    """Claiming reads each task's best jobs of a tenant straight off the partial ready index."""
+    text = plan(db, store_sql.claim_sql(3), (1.0, "o", 2.0, "acme", 8, "t", "u", "v"))
+    assert text.count("USING INDEX flexq_jobs_ready (tenant=? AND task=?)") == 3
+    assert "SCAN flexq_jobs " not in text + " "
 
 
 def test_ready_tenants_is_a_loose_index_scan(db: sqlite3.Connection) -> None:

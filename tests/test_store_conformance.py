@@ -371,3 +371,24 @@ async def test_retry_outcome_without_error_or_time_is_rejected(store: Store) -> 
     with pytest.raises(InvalidArguments):
         await store.report(OWNER, [Outcome("a", State.SCHEDULED, run_at=T0 + 5)], T0)
     assert (await store.get("a")).state is State.PROCESSING
+
+
+async def test_claim_across_many_tasks_keeps_the_order(store: Store) -> None:
+    """With hundreds of runnable tasks, a tenant's best jobs still come first."""
+    tasks = {f"task{i}" for i in range(450)}
+    await put(
+        store,
+        job("low", task="task3", priority=-1),
+        job("first", task="task449"),
+        job("top", task="task10", priority=5),
+        job("second", task="task0"),
+    )
+    claimed = await store.claim(OWNER, {"acme": 3}, tasks, T0, T0 + 10)
+    assert [c.id for c in sorted(claimed, key=lambda c: c.order)] == ["top", "first", "second"]
+
+
+async def test_paused_task_ahead_does_not_hide_later_jobs(store: Store) -> None:
+    """Jobs of a paused task, however many, do not keep the tenant's other jobs from a claim."""
+    await put(store, *(job(f"p{i}", task="u") for i in range(200)), job("runnable"))
+    await store.set_pause(PauseScope.TASK, "u", True, T0)
+    assert await claim(store, n=5) == ["runnable"]

@@ -33,7 +33,7 @@ from flexq._store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS flexq_jobs (
     abort_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready
-    ON flexq_jobs (tenant, priority DESC, kind_rank, seq)
+    ON flexq_jobs (tenant, task, priority DESC, kind_rank, seq)
     WHERE state = 'QUEUED' AND lease_expiries = 0;
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready_tasks
     ON flexq_jobs (task, tenant) WHERE state = 'QUEUED' AND lease_expiries = 0;
@@ -115,14 +115,50 @@ UPDATE flexq_jobs
 SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
 WHERE seq IN (
-    SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_ready
-    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ?4 {task_filter}
+    SELECT seq FROM ({best_of_each_task})
     ORDER BY priority DESC, kind_rank, seq
     LIMIT ?5
 )
 RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
     parent_id, kind_rank, seq
 """
+
+_BEST_OF_TASK = """
+SELECT * FROM (
+    SELECT seq, priority, kind_rank FROM flexq_jobs INDEXED BY flexq_jobs_ready
+    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ?4 AND task = ?{task}
+    ORDER BY priority DESC, kind_rank, seq
+    LIMIT ?5
+)"""
+
+
+_CLAIM_CHOSEN = """
+UPDATE flexq_jobs
+SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
+    lease_until = ?3
+WHERE seq IN ({chosen}) AND state = 'QUEUED'
+RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
+    parent_id, kind_rank, seq
+"""
+
+MAX_TASKS_PER_STATEMENT = 400
+"""SQLite allows 500 terms in a compound SELECT; more runnable tasks are claimed in rounds."""
+
+
+def best_of_each_task(task_count: int) -> str:
+    """A SELECT of the best ``?5`` jobs of tenant ``?4`` of each task ``?6``, ``?7``, ..."""
+    return " UNION ALL ".join(_BEST_OF_TASK.format(task=6 + i) for i in range(task_count))
+
+
+def claim_sql(task_count: int) -> str:
+    """The claim statement for ``task_count`` runnable tasks (parameters ?6, ?7, ...).
+
+    The best ``n`` jobs of a tenant are the best ``n`` among the best ``n`` of each task, each
+    read straight off the index: jobs of tasks this process does not run (or paused tasks)
+    are never scanned past.
+    """
+    return _CLAIM.format(best_of_each_task=best_of_each_task(task_count))
+
 
 _PAUSED_TENANTS = "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
 
@@ -336,14 +372,40 @@ class SQLiteStore:
                     "SELECT name FROM flexq_pauses WHERE scope = 'tenant'"
                 )
             }  # fmt: skip
-            marks = ", ".join(f"?{6 + i}" for i in range(len(runnable)))
-            sql = _CLAIM.format(task_filter=f"AND task IN ({marks})")
+            sql = claim_sql(len(runnable)) if len(runnable) <= MAX_TASKS_PER_STATEMENT else ""
             for tenant, count in wanted.items():
                 if count <= 0 or tenant in paused_tenants:
                     continue
-                rows = db.execute(sql, (now, owner, lease_until, tenant, count, *runnable))
+                rows: Iterable[tuple[Any, ...]]
+                if sql:
+                    rows = db.execute(sql, (now, owner, lease_until, tenant, count, *runnable))
+                else:
+                    rows = self._claim_in_rounds(db, owner, tenant, count, runnable, now,
+                                                 lease_until)  # fmt: skip
                 claimed.extend(sorted(map(_claimed, rows), key=_by_order))
         return claimed
+
+    @staticmethod
+    def _claim_in_rounds(
+        db: sqlite3.Connection,
+        owner: str,
+        tenant: str,
+        count: int,
+        runnable: list[str],
+        now: float,
+        lease_until: float,
+    ) -> list[tuple[Any, ...]]:
+        """Claim for very many runnable tasks: choose among each round's best, then update."""
+        best: list[tuple[int, int, int]] = []
+        for start in range(0, len(runnable), MAX_TASKS_PER_STATEMENT):
+            tasks = runnable[start : start + MAX_TASKS_PER_STATEMENT]
+            rows = db.execute(best_of_each_task(len(tasks)), (None,) * 3 + (tenant, count, *tasks))
+            best.extend((-priority, rank, seq) for seq, priority, rank in rows)
+        chosen = [seq for _, _, seq in sorted(best)[:count]]
+        if not chosen:
+            return []
+        sql = _CLAIM_CHOSEN.format(chosen=", ".join(str(seq) for seq in chosen))
+        return db.execute(sql, (now, owner, lease_until)).fetchall()
 
     async def has_suspects(self, tasks: Collection[str]) -> bool:
         return await self._run(self._has_suspects, set(tasks))
