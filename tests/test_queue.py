@@ -359,6 +359,11 @@ async def test_duplicate_key_raises_or_returns_existing(queue_url: str) -> None:
                                    on_duplicate="return") == first  # fmt: skip
         assert await queue.enqueue(invoice, 1, tenant="other", key="inv-1") != first
         assert (await queue.counts(tenant="acme"))[flexq.State.QUEUED] == 1
+        twins = [flexq.Call(invoice, n).with_options(key="same") for n in (1, 2)]
+        with pytest.raises(flexq.InvalidArguments):
+            await queue.enqueue_many(twins)
+        first_twin, second_twin = await queue.enqueue_many(twins, on_duplicate="return")
+        assert first_twin == second_twin
     finally:
         await queue.close()
 

@@ -444,6 +444,10 @@ class Queue:
                           "run_at": run_at, "key": None, **call.options}  # fmt: skip
                 options = self._options(now=now, **merged)
             jobs.append(self._new_job(spec, call.args, call.kwargs, options, None))
+        if on_duplicate == "raise":
+            keys = [(job.tenant, job.key) for job in jobs if job.key is not None]
+            if len(set(keys)) < len(keys):
+                raise InvalidArguments("two calls share a tenant and key: each key is unique")
         if not jobs:
             return []
         return await self._submit(jobs, on_duplicate)
