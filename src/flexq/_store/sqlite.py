@@ -109,6 +109,21 @@ _INSERT = (
     " max_attempts, timeout, created_at, run_at, parent_id, key)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_ROWS_PER_INSERT = 500
+_INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (_ROWS_PER_INSERT - 1)
+
+
+def _insert_all(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert rows with statements of 500 rows: one step (and one hand-over of the GIL, which
+    the event loop's thread contends for) per 500 rows rather than per row."""
+    whole = len(rows) - len(rows) % _ROWS_PER_INSERT
+    for start in range(0, whole, _ROWS_PER_INSERT):
+        db.execute(_INSERT_MANY, [v for row in rows[start : start + _ROWS_PER_INSERT] for v in row])
+    if whole < len(rows):
+        rest = rows[whole:]
+        tail = _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (len(rest) - 1)
+        db.execute(tail, [v for row in rest for v in row])
+
 
 _CLAIM = """
 UPDATE flexq_jobs
@@ -308,7 +323,7 @@ class SQLiteStore:
                     unkeyed.extend(_insert_row(job, now) for job in unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
-                db.executemany(_INSERT, unkeyed)  # keep creation order: earlier units first
+                _insert_all(db, unkeyed)  # keep creation order: earlier units first
                 unkeyed.clear()
                 db.execute("SAVEPOINT flexq_unit")
                 try:
@@ -317,7 +332,7 @@ class SQLiteStore:
                     db.execute("ROLLBACK TO flexq_unit")
                     results.append(duplicate)
                 db.execute("RELEASE flexq_unit")
-            db.executemany(_INSERT, unkeyed)
+            _insert_all(db, unkeyed)
         return results
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
@@ -458,22 +473,18 @@ class SQLiteStore:
         return await self._run(self._report, owner, checked_outcomes(outcomes), now)
 
     def _report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
-        written: list[JobId] = []
-        by_statement: dict[str, list[tuple[Any, ...]]] = {}
+        by_update: dict[str, list[tuple[Any, ...]]] = {}
         for outcome in outcomes:
-            sql, params = _outcome_update(outcome, now)
-            by_statement.setdefault(sql + " " + _GUARD, []).append((*params, outcome.job_id, owner))
+            update, params = _outcome_update(outcome, now)
+            by_update.setdefault(update, []).append((outcome.job_id, *params))
+        written: list[JobId] = []
         with self._transaction() as db:
-            for sql, rows in by_statement.items():
-                db.execute("SAVEPOINT flexq_report")
-                if db.executemany(sql, rows).rowcount == len(rows):
-                    db.execute("RELEASE flexq_report")
-                    written.extend(row[-2] for row in rows)
-                    continue
-                # Some of these jobs were taken away (lease lost): write row by row to know which.
-                db.execute("ROLLBACK TO flexq_report")
-                db.execute("RELEASE flexq_report")
-                written.extend(row[-2] for row in rows if db.execute(sql, row).rowcount)
+            for update, rows in by_update.items():
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                    statement = _update_from_values(update, len(chunk))
+                    values = [v for row in chunk for v in row]
+                    written.extend(row[0] for row in db.execute(statement, [*values, owner]))
         return written
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
@@ -676,6 +687,27 @@ def _insert_row(job: NewJob, now: float) -> tuple[Any, ...]:
         job.run_at,
         job.parent_id,
         job.key,
+    )
+
+
+def _update_from_values(update: str, count: int) -> str:
+    """``UPDATE flexq_jobs SET a = ?, b = ?`` for ``count`` jobs at once.
+
+    Each job's values come from a VALUES row (its id, then one value per ``?``); only jobs
+    still held by the owner (the last parameter) in a running state are written, and their ids
+    come back.
+    """
+    assignments = update.removeprefix("UPDATE flexq_jobs SET ")
+    width = assignments.count("?")
+    for n in range(1, width + 1):
+        assignments = assignments.replace("?", f"v.p{n}", 1)
+    columns = ", ".join(["id", *(f"p{n}" for n in range(1, width + 1))])
+    row = "(" + ", ".join("?" * (width + 1)) + ")"
+    return (
+        f"WITH v({columns}) AS (VALUES {', '.join([row] * count)})"
+        f" UPDATE flexq_jobs SET {assignments} FROM v"
+        f" WHERE flexq_jobs.id = v.id AND lease_owner = ? AND state IN ({_RUNNING})"
+        " RETURNING flexq_jobs.id"
     )
 
 
