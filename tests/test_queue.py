@@ -446,6 +446,8 @@ async def test_jobs_query_filters_and_pages_with_cursor(queue_url: str) -> None:
         futures = await queue.jobs(kind="future")
         assert [i.task for i in futures.items] == [b.name]
         assert (await queue.jobs(state="COMPLETED")).items == ()
+        picked = await queue.get_many([ids[3], "missing", ids[1], ids[3]])
+        assert [info.id for info in picked] == [ids[3], ids[1]]
         counts = await queue.counts(tenant="acme")
         assert set(counts) == set(flexq.State)
         assert counts[flexq.State.QUEUED] == 8

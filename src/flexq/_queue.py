@@ -547,6 +547,12 @@ class Queue:
         self._check_open()
         return await self._store.get(job_id)
 
+    async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
+        """The jobs among ``job_ids`` that exist, in the order asked (unknown ids left out)."""
+        self._check_open()
+        found = {info.id: info for info in await self._store.get_many(job_ids)}
+        return [found[job_id] for job_id in dict.fromkeys(job_ids) if job_id in found]
+
     async def wait(self, job_id: JobId, timeout: float | None = None) -> JobInfo:
         """Wait until the job is final and return it.
 

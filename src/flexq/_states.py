@@ -74,8 +74,3 @@ def check_transition(source: State, target: State, job_id: str | None = None) ->
     """Raise :class:`IllegalTransition` unless the table allows ``source -> target``."""
     if target not in TRANSITIONS[source]:
         raise IllegalTransition(job_id, source, target)
-
-
-def sources_of(target: State) -> frozenset[State]:
-    """The states from which a job may move to ``target``."""
-    return frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
