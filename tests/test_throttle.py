@@ -42,9 +42,9 @@ async def test_cpu_bound_jobs_yield_to_the_host_when_the_loop_lags(sqlite_url: s
     assert events_on >= 1
     on_time = sum(d < 0.005 for d in throttled) / len(throttled)
     on_time_off = sum(d < 0.005 for d in unthrottled) / len(unthrottled)
-    print(
-        f"on time: throttled {on_time:.0%}, unthrottled {on_time_off:.0%};"
-        f" p50 {statistics.median(throttled) * 1e3:.1f} vs"
-        f" {statistics.median(unthrottled) * 1e3:.1f} ms"
-    )
-    assert on_time > on_time_off + 0.2
+    p50, p50_off = statistics.median(throttled), statistics.median(unthrottled)
+    print(f"on time: throttled {on_time:.0%}, unthrottled {on_time_off:.0%};"
+          f" p50 {p50 * 1e3:.1f} vs {p50_off * 1e3:.1f} ms")  # fmt: skip
+    # Alone on a quiet machine most throttled ticks are on time (p50 ~1 ms against ~110 ms);
+    # a loaded machine narrows the gap, so the assertion asks for a clear margin only.
+    assert p50 < 0.75 * p50_off
