@@ -41,6 +41,6 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks with the peers measured in the same run."""
-    session.install("-e", ".")
+    """Benchmarks with the peers measured in the same run (asyncio and trio)."""
+    session.install("-e", ".[trio]")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
