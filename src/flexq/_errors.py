@@ -72,3 +72,24 @@ class JobTimeout(FlexqError, TimeoutError):
 
 class WaitTimeout(FlexqError, TimeoutError):
     """:meth:`flexq.Queue.wait` gave up before the job reached a final state."""
+
+
+class NotHolding(FlexqError):
+    """A holding-queue operation named a job that is not in the holding queue (HOLDING)."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(
+            f"job {job_id!r} is {state}, not HOLDING: only jobs in the holding queue can be"
+            " reordered"
+        )
+        self.job_id = job_id
+        self.state = state
+
+
+class NotRetried(Exception):
+    """Wraps an error that another attempt cannot mend (a result that is not JSON, a batch's
+    ``finish`` that raised): the job fails at once. Internal to flexq."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error

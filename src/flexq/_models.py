@@ -42,6 +42,21 @@ class JobError:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """How far a batch job got: its ``JobInfo.progress``."""
+
+    items_processed: int
+    """Items of the chunks that ended (succeeded, or failed every try)."""
+    total_items: int
+    """Items that ``start`` produced (0 until it finished)."""
+    errors: int
+    """Chunks that failed every try."""
+    chunks_total: int
+    chunks_succeeded: int
+    chunks_failed: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class JobInfo:
     """A snapshot of one job, as the store holds it."""
 
@@ -69,7 +84,8 @@ class JobInfo:
     parent_id: JobId | None
     key: str | None
     progress: JSON
-    """The last value the handler passed to ``ctx.set_progress``."""
+    """The last value the handler passed to ``ctx.set_progress``; for a batch job, its
+    :class:`BatchProgress`."""
     abort_requested: bool
 
     @property

@@ -16,7 +16,6 @@ from flexq._backoff import Backoff
 from flexq._batching import GroupCommit
 from flexq._dispatcher import Dispatcher
 from flexq._errors import (
-    DuplicateJob,
     FlexqError,
     InvalidArguments,
     QueueClosed,
@@ -475,7 +474,7 @@ class Queue:
 
     async def _submit(self, jobs: list[NewJob], on_duplicate: OnDuplicate) -> list[JobId]:
         result = await self._enqueuer.submit(EnqueueUnit(jobs, on_duplicate))
-        if isinstance(result, DuplicateJob):
+        if isinstance(result, FlexqError):
             raise result
         if self._dispatcher is not None:
             now = self._clock()

@@ -5,13 +5,23 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
-from flexq._errors import DuplicateJob, InvalidArguments
-from flexq._models import JobError, JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
+from flexq._errors import DuplicateJob, InvalidArguments, LimitExceeded
+from flexq._models import (
+    BatchProgress,
+    JobError,
+    JobId,
+    JobInfo,
+    Pause,
+    PauseScope,
+    timestamp_to_datetime,
+)
 from flexq._serialize import loads
 from flexq._states import Kind, State, check_transition
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
+
+    from flexq._limits import LimitTable
 
 OnDuplicate = Literal["raise", "return"]
 
@@ -43,9 +53,9 @@ class EnqueueUnit:
     on_duplicate: OnDuplicate
 
 
-EnqueueResult = list[JobId] | DuplicateJob
+EnqueueResult = list[JobId] | DuplicateJob | LimitExceeded
 """Per unit: the ids (an existing job's id where a key matched and on_duplicate is "return"),
-or the DuplicateJob that kept the unit from being written."""
+or the error (a duplicate key, a full holding queue) that kept the unit from being written."""
 
 
 class ClaimedJob(NamedTuple):
@@ -90,6 +100,70 @@ class Recovered:
     requeued: list[JobId]
     failed: list[JobId]
     aborted: list[JobId]
+
+
+class Placement(NamedTuple):
+    """Where :meth:`Store.reorder` puts a holding job in its tenant's holding queue."""
+
+    to: Literal["front", "end", "before", "after", "index"]
+    other: JobId | None = None
+    """The job to go before or after."""
+    place: int = 0
+    """The 0-based place to go to (``to="index"``); past the end means last."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchCounts:
+    """A batch job's chunk bookkeeping."""
+
+    prepared: bool
+    """Whether ``start`` committed all its items."""
+    total_items: int
+    chunks_total: int
+    items_processed: int
+    chunks_succeeded: int
+    chunks_failed: int
+
+    def progress(self) -> BatchProgress:
+        """The public view of these counts."""
+        return BatchProgress(
+            items_processed=self.items_processed,
+            total_items=self.total_items,
+            errors=self.chunks_failed,
+            chunks_total=self.chunks_total,
+            chunks_succeeded=self.chunks_succeeded,
+            chunks_failed=self.chunks_failed,
+        )
+
+
+NO_BATCH_COUNTS = BatchCounts(False, 0, 0, 0, 0, 0)
+
+
+class ChunkDone(NamedTuple):
+    """How one chunk of a batch ended: a checkpoint."""
+
+    chunk: int
+    items: int
+    error: str | None = None
+    """JSON error record of its last try, if every try failed."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WaitFacts:
+    """What the store knows about why a job waits (see :meth:`flexq.Queue.explain`)."""
+
+    info: JobInfo
+    holding_position: int | None
+    """0-based place in the tenant's holding queue, for a HOLDING job."""
+    holding: int
+    """The tenant's HOLDING batch jobs."""
+    active_batches: int
+    """The tenant's batch jobs in an active slot."""
+    ready_ahead: int
+    """QUEUED jobs of the same tenant that run before this one (QUEUED jobs only)."""
+    tenants_ahead: int
+    """Other tenants with QUEUED jobs (QUEUED jobs only)."""
+    pauses: tuple[Pause, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,6 +282,79 @@ class Store(Protocol):
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs that finished before the time; return how many."""
 
+    # -- batch jobs, the holding queue and active slots ---------------------------------------
+    #
+    # A batch job (kind BATCH) is enqueued HOLDING, at the end of its tenant's holding queue,
+    # unless that queue holds ``max_holding`` jobs already (the unit then fails with
+    # LimitExceeded). Whenever a tenant has fewer than ``max_active_batches`` batch jobs in
+    # QUEUED, SCHEDULED (a retry of ``start``), PREPARING or PROCESSING, its first HOLDING job
+    # moves to QUEUED in the same transaction: at enqueue, when a batch job ends, and in
+    # :meth:`admit`. Claiming a batch job moves it to PREPARING.
+
+    def set_limits(self, limits: LimitTable) -> None:
+        """Use these limits from now on (the default: :class:`flexq.Limits` for all)."""
+
+    async def admit(self, now: float) -> list[str]:
+        """Admit HOLDING jobs into free active slots; return the tenants that got some."""
+
+    async def holding_order(self, tenant: str) -> list[JobId]:
+        """The tenant's HOLDING jobs, first to be admitted first."""
+
+    async def reorder(self, job_id: JobId, placement: Placement) -> bool:
+        """Move a HOLDING job within its tenant's holding queue; return whether it moved.
+
+        Raises JobNotFound, NotHolding (the job, or ``placement.other``, is not HOLDING), or
+        InvalidArguments (``placement.other`` is another tenant's job, or the job itself).
+        """
+
+    async def usage(self, tenant: str) -> tuple[int, int]:
+        """The tenant's HOLDING jobs and batch jobs in an active slot."""
+
+    async def wait_facts(self, job_id: JobId) -> WaitFacts:
+        """What keeps a job waiting. Raises JobNotFound."""
+
+    async def begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
+        """Start an attempt of a batch job that ``owner`` holds (PREPARING).
+
+        If ``start`` committed its items, the job moves to PROCESSING; if not, chunks an
+        earlier attempt left behind are deleted. None if ``owner`` does not hold the job.
+        """
+
+    async def add_chunks(
+        self, owner: str, job_id: JobId, first: int, chunks: Sequence[tuple[int, str]]
+    ) -> bool:
+        """Store chunks ``first``, ``first + 1``... as (item count, JSON list of items)."""
+
+    async def end_preparing(
+        self, owner: str, job_id: JobId, total_items: int, chunks_total: int
+    ) -> bool:
+        """Mark ``start`` as committed and move the job to PROCESSING."""
+
+    async def pending_chunks(self, job_id: JobId, after: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` chunks after index ``after`` with no checkpoint: (index, items)."""
+
+    async def checkpoint(self, owner: str, job_id: JobId, done: Sequence[ChunkDone]) -> bool:
+        """Record finished chunks and add them to the job's counts; False if not held."""
+
+    async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        """The job's counts and (chunk index, JSON error) of each failed chunk."""
+
+
+ACTIVE_BATCH_STATES = frozenset({State.QUEUED, State.SCHEDULED, State.PREPARING, State.PROCESSING})
+"""States in which a batch job holds one of its tenant's active slots."""
+
+HOLDING_STEP = 1024.0
+"""Gap between neighbours in a holding queue: moves halve gaps; a gap too small to halve
+makes the store renumber the tenant's (short) holding queue in the same transaction."""
+
+
+def holding_full(tenant: str, max_holding: int) -> LimitExceeded:
+    """The error of an enqueue into a full holding queue."""
+    return LimitExceeded(
+        f"tenant {tenant!r} has {max_holding} batch jobs in its holding queue already"
+        f" (max_holding={max_holding}); nothing was enqueued"
+    )
+
 
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Validate outcomes before any is written; keep the first one of each job.
@@ -272,6 +419,7 @@ def job_info(
     key: str | None,
     progress: str | None,
     abort_requested: bool,
+    batch: BatchCounts | None = None,
 ) -> JobInfo:
     """A JobInfo from the stored (serialized) columns of a job."""
     return JobInfo(
@@ -302,6 +450,8 @@ def job_info(
         ),
         parent_id=parent_id,
         key=key,
-        progress=None if progress is None else loads(progress),
+        progress=(
+            batch.progress() if batch is not None else None if progress is None else loads(progress)
+        ),
         abort_requested=bool(abort_requested),
     )

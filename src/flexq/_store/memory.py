@@ -9,25 +9,52 @@ from typing import TYPE_CHECKING
 
 import anyio.lowlevel
 
-from flexq._errors import DuplicateJob, JobNotFound
+from flexq._errors import DuplicateJob, InvalidArguments, JobNotFound, NotHolding
+from flexq._limits import LimitTable
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps, loads
 from flexq._states import RUNNING_STATES, Kind, State, check_transition
 from flexq._store.base import (
+    ACTIVE_BATCH_STATES,
+    BatchCounts,
+    ChunkDone,
     ClaimedJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
     NewJob,
     Outcome,
+    Placement,
     Recovered,
+    WaitFacts,
     checked_outcomes,
+    holding_full,
     job_info,
     lease_error,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    prepared: bool = False
+    total_items: int = 0
+    chunks: dict[int, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    """Chunks without a checkpoint: index -> (item count, JSON items)."""
+    done: dict[int, ChunkDone] = dataclasses.field(default_factory=dict)
+
+    def counts(self) -> BatchCounts:
+        failed = [d for d in self.done.values() if d.error is not None]
+        return BatchCounts(
+            prepared=self.prepared,
+            total_items=self.total_items,
+            chunks_total=len(self.chunks) + len(self.done) if self.prepared else 0,
+            items_processed=sum(d.items for d in self.done.values()),
+            chunks_succeeded=len(self.done) - len(failed),
+            chunks_failed=len(failed),
+        )
 
 
 @dataclasses.dataclass(slots=True)
@@ -47,6 +74,7 @@ class _Row:
     lease_until: float = 0.0
     lease_expiries: int = 0
     abort_requested: bool = False
+    batch: _Batch | None = None
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -66,6 +94,7 @@ class _Row:
             errors=dumps(self.errors, "errors") if self.errors else None,
             parent_id=job.parent_id, key=job.key, progress=self.progress,
             abort_requested=self.abort_requested,
+            batch=None if self.batch is None else self.batch.counts(),
         )  # fmt: skip
 
 
@@ -79,6 +108,9 @@ class MemoryStore:
         self._scheduled: list[tuple[float, int, JobId]] = []
         self._keys: dict[tuple[str, str], JobId] = {}
         self._pauses: dict[tuple[PauseScope, str], float] = {}
+        self._holding: dict[str, list[JobId]] = {}
+        self._active: dict[str, int] = {}
+        self._limits = LimitTable()
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -103,7 +135,15 @@ class MemoryStore:
             heapq.heappush(self._scheduled, (run_at, row.seq, row.job.id))
 
     def _finish(self, row: _Row, state: State, now: float) -> None:
+        before = row.state
         row.move(state)
+        if row.job.kind is Kind.BATCH:
+            tenant = row.job.tenant
+            if before is State.HOLDING:
+                self._holding[tenant].remove(row.job.id)
+            elif before in ACTIVE_BATCH_STATES:
+                self._active[tenant] -= 1
+                self._admit(tenant)
         row.finished_at = now
         row.lease_owner = None
         if row.job.key is not None and self._keys.get((row.job.tenant, row.job.key)) == row.job.id:
@@ -122,6 +162,16 @@ class MemoryStore:
         return [self._enqueue_unit(unit, now) for unit in units]
 
     def _enqueue_unit(self, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        batches: dict[str, int] = {}
+        for job in unit.jobs:
+            if job.kind is Kind.BATCH:
+                batches[job.tenant] = batches.get(job.tenant, 0) + 1
+        for tenant, count in batches.items():
+            limits = self._limits(tenant)
+            holding = len(self._holding.get(tenant, ()))
+            free = max(0, limits.max_active_batches - self._active.get(tenant, 0))
+            if holding + count - min(free, holding + count) > limits.max_holding:
+                return holding_full(tenant, limits.max_holding)
         ids: list[JobId] = []
         fresh: list[NewJob] = []
         keys: dict[tuple[str, str], JobId] = {}
@@ -137,16 +187,37 @@ class MemoryStore:
             fresh.append(job)
             ids.append(job.id)
         for job in fresh:
-            state = State.QUEUED if job.run_at <= now else State.SCHEDULED
+            if job.kind is Kind.BATCH:
+                state = State.HOLDING
+            else:
+                state = State.QUEUED if job.run_at <= now else State.SCHEDULED
             row = _Row(seq=next(self._seq), job=job, state=state, created_at=now,
                        run_at=job.run_at)  # fmt: skip
             self._rows[job.id] = row
-            if state is State.QUEUED:
+            if state is State.HOLDING:
+                row.batch = _Batch()
+                self._holding.setdefault(job.tenant, []).append(job.id)
+            elif state is State.QUEUED:
                 self._make_ready(row)
             else:
                 heapq.heappush(self._scheduled, (job.run_at, row.seq, job.id))
         self._keys.update(keys)
+        for tenant in batches:
+            self._admit(tenant)
         return ids
+
+    def _admit(self, tenant: str) -> bool:
+        """Move the tenant's first HOLDING jobs into its free active slots."""
+        holding = self._holding.get(tenant)
+        limit = self._limits(tenant).max_active_batches
+        admitted = False
+        while holding and self._active.get(tenant, 0) < limit:
+            row = self._rows[holding.pop(0)]
+            row.move(State.QUEUED)
+            self._make_ready(row)
+            self._active[tenant] = self._active.get(tenant, 0) + 1
+            admitted = True
+        return admitted
 
     # -- dispatching ------------------------------------------------------------------------
 
@@ -208,7 +279,7 @@ class MemoryStore:
 
     @staticmethod
     def _take(row: _Row, owner: str, now: float, lease_until: float) -> ClaimedJob:
-        row.move(State.PROCESSING)
+        row.move(State.PREPARING if row.job.kind is Kind.BATCH else State.PROCESSING)
         row.attempts += 1
         row.started_at = now
         row.lease_owner = owner
@@ -390,6 +461,145 @@ class MemoryStore:
             if _matches(row, where):
                 counts[row.state] = counts.get(row.state, 0) + 1
         return counts
+
+    # -- batch jobs, the holding queue and active slots -------------------------------------
+
+    def set_limits(self, limits: LimitTable) -> None:
+        self._limits = limits
+
+    async def admit(self, now: float) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(tenant for tenant in list(self._holding) if self._admit(tenant))
+
+    async def holding_order(self, tenant: str) -> list[JobId]:
+        await anyio.lowlevel.checkpoint()
+        return list(self._holding.get(tenant, ()))
+
+    def _holding_row(self, job_id: JobId) -> _Row:
+        row = self._rows.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        if row.state is not State.HOLDING:
+            raise NotHolding(job_id, row.state)
+        return row
+
+    async def reorder(self, job_id: JobId, placement: Placement) -> bool:
+        await anyio.lowlevel.checkpoint()
+        row = self._holding_row(job_id)
+        order = self._holding[row.job.tenant]
+        rest = [other for other in order if other != job_id]
+        if placement.to == "front":
+            index = 0
+        elif placement.to == "end":
+            index = len(rest)
+        elif placement.to == "index":
+            index = min(placement.place, len(rest))
+        else:
+            other = self._holding_row(placement.other or "")
+            if other.job.tenant != row.job.tenant:
+                raise InvalidArguments(
+                    f"job {placement.other!r} is in tenant {other.job.tenant!r}'s holding queue,"
+                    f" not {row.job.tenant!r}'s"
+                )
+            if placement.other == job_id:
+                raise InvalidArguments(f"cannot move job {job_id!r} {placement.to} itself")
+            index = rest.index(other.job.id) + (placement.to == "after")
+        rest.insert(index, job_id)
+        changed = rest != order
+        order[:] = rest
+        return changed
+
+    async def usage(self, tenant: str) -> tuple[int, int]:
+        await anyio.lowlevel.checkpoint()
+        return len(self._holding.get(tenant, ())), self._active.get(tenant, 0)
+
+    async def wait_facts(self, job_id: JobId) -> WaitFacts:
+        await anyio.lowlevel.checkpoint()
+        row = self._rows.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        tenant = row.job.tenant
+        holding = self._holding.get(tenant, [])
+        ready_ahead = tenants_ahead = 0
+        if row.state is State.QUEUED:
+            queued = [r for r in self._rows.values() if r.state is State.QUEUED]
+            ready_ahead = sum(r.job.tenant == tenant and r.order < row.order for r in queued)
+            tenants_ahead = len({r.job.tenant for r in queued} - {tenant})
+        return WaitFacts(
+            info=row.info(),
+            holding_position=holding.index(job_id) if row.state is State.HOLDING else None,
+            holding=len(holding),
+            active_batches=self._active.get(tenant, 0),
+            ready_ahead=ready_ahead,
+            tenants_ahead=tenants_ahead,
+            pauses=tuple(await self.pauses()),
+        )
+
+    def _held_batch(self, owner: str, job_id: JobId) -> _Batch | None:
+        row = self._held(owner, job_id)
+        return None if row is None else row.batch
+
+    async def begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
+        await anyio.lowlevel.checkpoint()
+        row = self._held(owner, job_id)
+        if row is None or row.batch is None:
+            return None
+        if row.batch.prepared:
+            if row.state is State.PREPARING:
+                row.move(State.PROCESSING)
+        else:
+            row.batch = _Batch()
+        return row.batch.counts()
+
+    async def add_chunks(
+        self, owner: str, job_id: JobId, first: int, chunks: Sequence[tuple[int, str]]
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        batch = self._held_batch(owner, job_id)
+        if batch is None:
+            return False
+        for offset, chunk in enumerate(chunks):
+            batch.chunks[first + offset] = chunk
+        return True
+
+    async def end_preparing(
+        self, owner: str, job_id: JobId, total_items: int, chunks_total: int
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        row = self._held(owner, job_id)
+        if row is None or row.batch is None:
+            return False
+        row.batch.prepared = True
+        row.batch.total_items = total_items
+        row.move(State.PROCESSING)
+        return True
+
+    async def pending_chunks(self, job_id: JobId, after: int, limit: int) -> list[tuple[int, str]]:
+        await anyio.lowlevel.checkpoint()
+        row = self._rows.get(job_id)
+        if row is None or row.batch is None:
+            return []
+        indexes = sorted(i for i in row.batch.chunks if i > after)[:limit]
+        return [(i, row.batch.chunks[i][1]) for i in indexes]
+
+    async def checkpoint(self, owner: str, job_id: JobId, done: Sequence[ChunkDone]) -> bool:
+        await anyio.lowlevel.checkpoint()
+        batch = self._held_batch(owner, job_id)
+        if batch is None:
+            return False
+        for chunk in done:
+            if batch.chunks.pop(chunk.chunk, None) is not None:
+                batch.done[chunk.chunk] = chunk
+        return True
+
+    async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        await anyio.lowlevel.checkpoint()
+        row = self._rows.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        batch = row.batch or _Batch()
+        errors = sorted((d.chunk, d.error) for d in batch.done.values() if d.error is not None)
+        return batch.counts(), errors
 
 
 def _claimed(row: _Row) -> ClaimedJob:

@@ -14,20 +14,36 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, StoreError
+from flexq._errors import (
+    DuplicateJob,
+    FlexqError,
+    InvalidArguments,
+    JobNotFound,
+    LimitExceeded,
+    NotHolding,
+    StoreError,
+)
+from flexq._limits import LimitTable
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps
 from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
 from flexq._store._thread import DatabaseThread
 from flexq._store.base import (
+    ACTIVE_BATCH_STATES,
+    HOLDING_STEP,
+    BatchCounts,
+    ChunkDone,
     ClaimedJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
     NewJob,
     Outcome,
+    Placement,
     Recovered,
+    WaitFacts,
     checked_outcomes,
+    holding_full,
     job_info,
     lease_error,
 )
@@ -37,10 +53,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
+_ACTIVE = ",".join(f"'{s}'" for s in sorted(ACTIVE_BATCH_STATES))
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS flexq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,7 +87,8 @@ CREATE TABLE IF NOT EXISTS flexq_jobs (
     lease_owner TEXT,
     lease_until REAL,
     lease_expiries INTEGER NOT NULL DEFAULT 0,
-    abort_requested INTEGER NOT NULL DEFAULT 0
+    abort_requested INTEGER NOT NULL DEFAULT 0,
+    position REAL
 );
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready
     ON flexq_jobs (tenant, task, priority DESC, kind_rank, seq)
@@ -96,13 +114,48 @@ CREATE TABLE IF NOT EXISTS flexq_pauses (
     since REAL NOT NULL,
     PRIMARY KEY (scope, name)
 );
+CREATE TABLE IF NOT EXISTS flexq_batches (
+    job_id TEXT PRIMARY KEY,
+    prepared INTEGER NOT NULL DEFAULT 0,
+    total_items INTEGER NOT NULL DEFAULT 0,
+    chunks_total INTEGER NOT NULL DEFAULT 0,
+    items_processed INTEGER NOT NULL DEFAULT 0,
+    chunks_succeeded INTEGER NOT NULL DEFAULT 0,
+    chunks_failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS flexq_chunks (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    items TEXT NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    PRIMARY KEY (job_id, idx)
+);
 """
+
+_MIGRATIONS = {
+    1: ["ALTER TABLE flexq_jobs ADD COLUMN position REAL"],
+}
+"""Statements that take a file from the schema version of the key to the next one."""
+
+_INDEXES_V2 = f"""
+CREATE INDEX IF NOT EXISTS flexq_jobs_holding
+    ON flexq_jobs (tenant, position) WHERE state = 'HOLDING';
+CREATE INDEX IF NOT EXISTS flexq_jobs_active_batches
+    ON flexq_jobs (tenant) WHERE kind = 'batch' AND state IN ({_ACTIVE});
+"""
+
+CHUNK_PENDING, CHUNK_SUCCEEDED, CHUNK_FAILED = 0, 1, 2
 
 _INFO_COLUMNS = (
     "seq, id, task, kind, tenant, priority, state, args, kwargs, attempts, max_attempts, "
     "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
-    "abort_requested"
+    "abort_requested, prepared, total_items, chunks_total, items_processed, chunks_succeeded, "
+    "chunks_failed"
 )
+_INFO_FROM = "flexq_jobs LEFT JOIN flexq_batches ON flexq_batches.job_id = flexq_jobs.id"
+_COUNTS = "prepared, total_items, chunks_total, items_processed, chunks_succeeded, chunks_failed"
 
 _INSERT = (
     "INSERT INTO flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, args, kwargs,"
@@ -125,12 +178,14 @@ def _insert_all(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
         db.execute(tail, [v for row in rest for v in row])
 
 
-_CLAIM = """
+_CLAIMED_STATE = "CASE kind WHEN 'batch' THEN 'PREPARING' ELSE 'PROCESSING' END"
+
+_CLAIM = f"""
 UPDATE flexq_jobs
-SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
+SET state = {_CLAIMED_STATE}, attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
 WHERE seq IN (
-    SELECT seq FROM ({best_of_each_task})
+    SELECT seq FROM ({{best_of_each_task}})
     ORDER BY priority DESC, kind_rank, seq
     LIMIT ?5
 )
@@ -147,11 +202,11 @@ SELECT * FROM (
 )"""
 
 
-_CLAIM_CHOSEN = """
+_CLAIM_CHOSEN = f"""
 UPDATE flexq_jobs
-SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
+SET state = {_CLAIMED_STATE}, attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
-WHERE seq IN ({chosen}) AND state = 'QUEUED'
+WHERE seq IN ({{chosen}}) AND state = 'QUEUED'
 RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
     parent_id, kind_rank, seq
 """
@@ -185,11 +240,11 @@ ORDER BY seq
 LIMIT 1
 """
 
-_CLAIM_SUSPECT = """
+_CLAIM_SUSPECT = f"""
 UPDATE flexq_jobs
-SET state = 'PROCESSING', attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
+SET state = {_CLAIMED_STATE}, attempts = attempts + 1, started_at = ?1, lease_owner = ?2,
     lease_until = ?3
-WHERE seq = ({suspect})
+WHERE seq = ({{suspect}})
 RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
     parent_id, kind_rank, seq
 """
@@ -228,6 +283,7 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._thread = DatabaseThread(f"flexq-sqlite:{path}")
+        self._limits = LimitTable()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -286,16 +342,22 @@ class SQLiteStore:
                 if statement.strip():
                     db.execute(statement)
             row = db.execute("SELECT value FROM flexq_meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO flexq_meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+            version = SCHEMA_VERSION if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
                 raise FlexqError(
                     f"{self.path} has flexq schema version {row[0]}, newer than this flexq "
                     f"understands ({SCHEMA_VERSION}): upgrade flexq"
                 )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            for statement in _INDEXES_V2.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT OR REPLACE INTO flexq_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -319,7 +381,8 @@ class SQLiteStore:
         with self._transaction() as db:
             unkeyed: list[tuple[Any, ...]] = []
             for unit in units:
-                if all(job.key is None for job in unit.jobs):
+                plain = all(job.key is None and job.kind is not Kind.BATCH for job in unit.jobs)
+                if plain:
                     unkeyed.extend(_insert_row(job, now) for job in unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
@@ -328,14 +391,25 @@ class SQLiteStore:
                 db.execute("SAVEPOINT flexq_unit")
                 try:
                     results.append(self._insert_keyed(db, unit, now))
-                except DuplicateJob as duplicate:
+                except (DuplicateJob, LimitExceeded) as refused:
                     db.execute("ROLLBACK TO flexq_unit")
-                    results.append(duplicate)
+                    results.append(refused)
                 db.execute("RELEASE flexq_unit")
             _insert_all(db, unkeyed)
         return results
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
+        """Insert a unit with keys or batch jobs, row by row; raise to refuse it."""
+        batches: dict[str, int] = {}
+        for job in unit.jobs:
+            if job.kind is Kind.BATCH:
+                batches[job.tenant] = batches.get(job.tenant, 0) + 1
+        for tenant, count in batches.items():
+            limits = self._limits(tenant)
+            holding, active = _usage(db, tenant)
+            free = max(0, limits.max_active_batches - active)
+            if holding + count - min(free, holding + count) > limits.max_holding:
+                raise holding_full(tenant, limits.max_holding)
         ids: list[JobId] = []
         for job in unit.jobs:
             if job.key is not None:
@@ -350,7 +424,15 @@ class SQLiteStore:
                     ids.append(row[0])
                     continue
             db.execute(_INSERT, _insert_row(job, now))
+            if job.kind is Kind.BATCH:
+                db.execute(
+                    "UPDATE flexq_jobs SET state = 'HOLDING', position = ? WHERE id = ?",
+                    (_last_position(db, job.tenant) + HOLDING_STEP, job.id),
+                )
+                db.execute("INSERT INTO flexq_batches (job_id) VALUES (?)", (job.id,))
             ids.append(job.id)
+        for tenant in batches:
+            self._admit(db, tenant)
         return ids
 
     # -- dispatching ------------------------------------------------------------------------
@@ -478,13 +560,19 @@ class SQLiteStore:
             update, params = _outcome_update(outcome, now)
             by_update.setdefault(update, []).append((outcome.job_id, *params))
         written: list[JobId] = []
+        freed: set[str] = set()
         with self._transaction() as db:
             for update, rows in by_update.items():
                 for start in range(0, len(rows), _ROWS_PER_INSERT):
                     chunk = rows[start : start + _ROWS_PER_INSERT]
                     statement = _update_from_values(update, len(chunk))
                     values = [v for row in chunk for v in row]
-                    written.extend(row[0] for row in db.execute(statement, [*values, owner]))
+                    for job_id, tenant, kind, state in db.execute(statement, [*values, owner]):
+                        written.append(job_id)
+                        if kind == Kind.BATCH and state in FINAL_STATES:
+                            freed.add(tenant)
+            for tenant in sorted(freed):
+                self._admit(db, tenant)
         return written
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
@@ -507,11 +595,13 @@ class SQLiteStore:
         recovered = Recovered(requeued=[], failed=[], aborted=[])
         with self._transaction() as db:
             expired = db.execute(
-                "SELECT id, attempts, lease_expiries, abort_requested FROM flexq_jobs"
-                f" INDEXED BY flexq_jobs_leases WHERE state IN ({_RUNNING}) AND lease_until < ?",
+                "SELECT id, attempts, lease_expiries, abort_requested, kind, tenant"
+                " FROM flexq_jobs INDEXED BY flexq_jobs_leases"
+                f" WHERE state IN ({_RUNNING}) AND lease_until < ?",
                 (now,),
             ).fetchall()
-            for job_id, attempts, expiries, abort_requested in expired:
+            freed: set[str] = set()
+            for job_id, attempts, expiries, abort_requested, kind, tenant in expired:
                 error = dumps(lease_error(attempts, expiries + 1, max_lease_expiries, now), "error")
                 if abort_requested:
                     target, bucket = State.ABORTED, recovered.aborted
@@ -526,6 +616,10 @@ class SQLiteStore:
                     (target, error, finished, job_id),
                 )
                 bucket.append(job_id)
+                if kind == Kind.BATCH and target.is_final:
+                    freed.add(tenant)
+            for tenant in sorted(freed):
+                self._admit(db, tenant)
         return recovered
 
     async def promote(self, now: float) -> tuple[list[str], float | None]:
@@ -553,7 +647,9 @@ class SQLiteStore:
 
     def _request_abort(self, job_id: JobId, now: float) -> State:
         with self._transaction() as db:
-            row = db.execute("SELECT state FROM flexq_jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute(
+                "SELECT state, kind, tenant FROM flexq_jobs WHERE id = ?", (job_id,)
+            ).fetchone()
             if row is None:
                 raise JobNotFound(job_id)
             state = State(row[0])
@@ -562,10 +658,12 @@ class SQLiteStore:
                 return state
             check_transition(state, State.ABORTED, job_id)
             db.execute(
-                "UPDATE flexq_jobs SET state = 'ABORTED', abort_requested = 1, finished_at = ?"
-                " WHERE id = ?",
+                "UPDATE flexq_jobs SET state = 'ABORTED', abort_requested = 1, finished_at = ?,"
+                " position = NULL WHERE id = ?",
                 (now, job_id),
             )
+            if row[1] == Kind.BATCH and state in ACTIVE_BATCH_STATES:
+                self._admit(db, row[2])
         return State.ABORTED
 
     async def set_progress(self, owner: str, job_id: JobId, progress: str) -> bool:
@@ -610,14 +708,17 @@ class SQLiteStore:
 
     def _prune(self, finished_before: float, limit: int) -> int:
         with self._transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM flexq_jobs WHERE seq IN (SELECT seq FROM flexq_jobs"
-                " INDEXED BY flexq_jobs_finished"
+            doomed = db.execute(
+                "SELECT seq, id, kind FROM flexq_jobs INDEXED BY flexq_jobs_finished"
                 f" WHERE finished_at < ? AND state IN ({_FINAL}) ORDER BY finished_at, seq"
-                " LIMIT ?)",
+                " LIMIT ?",
                 (finished_before, limit),
-            )
-            return cursor.rowcount
+            ).fetchall()
+            db.executemany("DELETE FROM flexq_jobs WHERE seq = ?", [(seq,) for seq, _, _ in doomed])
+            batches = [(job_id,) for _, job_id, kind in doomed if kind == Kind.BATCH]
+            db.executemany("DELETE FROM flexq_chunks WHERE job_id = ?", batches)
+            db.executemany("DELETE FROM flexq_batches WHERE job_id = ?", batches)
+            return len(doomed)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -626,7 +727,7 @@ class SQLiteStore:
 
     async def get(self, job_id: JobId) -> JobInfo:
         rows = await self._run(
-            self._select, f"SELECT {_INFO_COLUMNS} FROM flexq_jobs WHERE id = ?", (job_id,)
+            self._select, f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = ?", (job_id,)
         )
         if not rows:
             raise JobNotFound(job_id)
@@ -639,7 +740,7 @@ class SQLiteStore:
             marks = ",".join("?" * len(chunk))
             rows = await self._run(
                 self._select,
-                f"SELECT {_INFO_COLUMNS} FROM flexq_jobs WHERE id IN ({marks})",
+                f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id IN ({marks})",
                 chunk,
             )
             infos.extend(_info(row) for row in rows)
@@ -654,7 +755,8 @@ class SQLiteStore:
             params.append(after_seq)
         rows = await self._run(
             self._select,
-            f"SELECT {_INFO_COLUMNS} FROM flexq_jobs WHERE {clause} ORDER BY seq LIMIT ? OFFSET ?",
+            f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE {clause}"
+            " ORDER BY seq LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
         return [(row[0], _info(row)) for row in rows]
@@ -667,6 +769,348 @@ class SQLiteStore:
             params,
         )
         return {State(state): count for state, count in rows}
+
+    # -- batch jobs, the holding queue and active slots -------------------------------------
+
+    def set_limits(self, limits: LimitTable) -> None:
+        self._limits = limits
+
+    def _admit(self, db: sqlite3.Connection, tenant: str) -> bool:
+        """Move the tenant's first HOLDING jobs into its free active slots."""
+        holding, active = _usage(db, tenant)
+        free = self._limits(tenant).max_active_batches - active
+        if not holding or free <= 0:
+            return False
+        db.execute(
+            "UPDATE flexq_jobs SET state = 'QUEUED', position = NULL WHERE seq IN ("
+            " SELECT seq FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+            " WHERE tenant = ? AND state = 'HOLDING' ORDER BY position LIMIT ?)",
+            (tenant, free),
+        )
+        return True
+
+    async def admit(self, now: float) -> list[str]:
+        return await self._run(self._admit_all)
+
+    def _admit_all(self) -> list[str]:
+        with self._transaction() as db:
+            tenants = [row[0] for row in db.execute(_HOLDING_TENANTS)]
+            return [tenant for tenant in tenants if self._admit(db, tenant)]
+
+    async def holding_order(self, tenant: str) -> list[JobId]:
+        rows = await self._run(
+            self._select,
+            "SELECT id FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+            " WHERE tenant = ? AND state = 'HOLDING' ORDER BY position",
+            (tenant,),
+        )
+        return [row[0] for row in rows]
+
+    async def reorder(self, job_id: JobId, placement: Placement) -> bool:
+        return await self._run(self._reorder, job_id, placement)
+
+    def _reorder(self, job_id: JobId, placement: Placement) -> bool:
+        with self._transaction() as db:
+            tenant, position = _holding_row(db, job_id)
+            bounds = _bounds(db, tenant, job_id, placement)
+            low, high = bounds
+            if (low is None or low < position) and (high is None or position < high):
+                return False
+            new = _between(low, high)
+            if new is None:
+                _renumber(db, tenant)
+                low, high = _bounds(db, tenant, job_id, placement)
+                new = _between(low, high)
+            db.execute("UPDATE flexq_jobs SET position = ? WHERE id = ?", (new, job_id))
+            return True
+
+    async def usage(self, tenant: str) -> tuple[int, int]:
+        return await self._run(lambda: _usage(self._db, tenant))
+
+    async def wait_facts(self, job_id: JobId) -> WaitFacts:
+        return await self._run(self._wait_facts, job_id)
+
+    def _wait_facts(self, job_id: JobId) -> WaitFacts:
+        with self._transaction() as db:
+            row = db.execute(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = ?", (job_id,))
+            found = row.fetchone()
+            if found is None:
+                raise JobNotFound(job_id)
+            info = _info(found)
+            holding, active = _usage(db, info.tenant)
+            position = ready_ahead = tenants_ahead = None
+            if info.state is State.HOLDING:
+                (position,) = db.execute(
+                    "SELECT COUNT(*) FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+                    " WHERE tenant = ? AND state = 'HOLDING'"
+                    " AND position < (SELECT position FROM flexq_jobs WHERE id = ?)",
+                    (info.tenant, job_id),
+                ).fetchone()
+            if info.state is State.QUEUED:
+                (ready_ahead,) = db.execute(
+                    "SELECT COUNT(*) FROM flexq_jobs INDEXED BY flexq_jobs_ready"
+                    " WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ?1"
+                    " AND (priority > ?2 OR (priority = ?2 AND (kind_rank < ?3"
+                    " OR (kind_rank = ?3 AND seq < ?4))))",
+                    (info.tenant, info.priority, info.kind.rank, found[0]),
+                ).fetchone()
+                tenants = {row[0] for row in db.execute(_QUEUED_TENANTS)}
+                tenants_ahead = len(tenants - {info.tenant})
+            pauses = db.execute(
+                "SELECT scope, name, since FROM flexq_pauses ORDER BY since, scope, name"
+            ).fetchall()
+        return WaitFacts(
+            info=info,
+            holding_position=position,
+            holding=holding,
+            active_batches=active,
+            ready_ahead=ready_ahead or 0,
+            tenants_ahead=tenants_ahead or 0,
+            pauses=tuple(
+                Pause(PauseScope(scope), name, timestamp_to_datetime(since))
+                for scope, name, since in pauses
+            ),
+        )
+
+    async def begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
+        return await self._run(self._begin_batch, owner, job_id)
+
+    def _begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
+        with self._transaction() as db:
+            if not _holds(db, owner, job_id):
+                return None
+            row = db.execute(
+                f"SELECT {_COUNTS} FROM flexq_batches WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            counts = BatchCounts(bool(row[0]), *row[1:])
+            if counts.prepared:
+                db.execute(
+                    "UPDATE flexq_jobs SET state = 'PROCESSING' WHERE id = ? AND state = ?",
+                    (job_id, State.PREPARING),
+                )
+                return counts
+            db.execute("DELETE FROM flexq_chunks WHERE job_id = ?", (job_id,))
+        return NO_COUNTS
+
+    async def add_chunks(
+        self, owner: str, job_id: JobId, first: int, chunks: Sequence[tuple[int, str]]
+    ) -> bool:
+        return await self._run(self._add_chunks, owner, job_id, first, chunks)
+
+    def _add_chunks(
+        self, owner: str, job_id: JobId, first: int, chunks: Sequence[tuple[int, str]]
+    ) -> bool:
+        with self._transaction() as db:
+            if not _holds(db, owner, job_id):
+                return False
+            db.executemany(
+                "INSERT INTO flexq_chunks (job_id, idx, size, items) VALUES (?, ?, ?, ?)",
+                [(job_id, first + n, size, items) for n, (size, items) in enumerate(chunks)],
+            )
+            return True
+
+    async def end_preparing(
+        self, owner: str, job_id: JobId, total_items: int, chunks_total: int
+    ) -> bool:
+        return await self._run(self._end_preparing, owner, job_id, total_items, chunks_total)
+
+    def _end_preparing(
+        self, owner: str, job_id: JobId, total_items: int, chunks_total: int
+    ) -> bool:
+        with self._transaction() as db:
+            if not _holds(db, owner, job_id):
+                return False
+            db.execute(
+                "UPDATE flexq_batches SET prepared = 1, total_items = ?, chunks_total = ?"
+                " WHERE job_id = ?",
+                (total_items, chunks_total, job_id),
+            )
+            db.execute("UPDATE flexq_jobs SET state = 'PROCESSING' WHERE id = ?", (job_id,))
+            return True
+
+    async def pending_chunks(self, job_id: JobId, after: int, limit: int) -> list[tuple[int, str]]:
+        return await self._run(
+            self._select,
+            "SELECT idx, items FROM flexq_chunks WHERE job_id = ? AND idx > ? AND status = 0"
+            " ORDER BY idx LIMIT ?",
+            (job_id, after, limit),
+        )
+
+    async def checkpoint(self, owner: str, job_id: JobId, done: Sequence[ChunkDone]) -> bool:
+        return await self._run(self._checkpoint, owner, job_id, done)
+
+    def _checkpoint(self, owner: str, job_id: JobId, done: Sequence[ChunkDone]) -> bool:
+        with self._transaction() as db:
+            if not _holds(db, owner, job_id):
+                return False
+            items = succeeded = failed = 0
+            for chunk in done:
+                status = CHUNK_SUCCEEDED if chunk.error is None else CHUNK_FAILED
+                cursor = db.execute(
+                    "UPDATE flexq_chunks SET status = ?, error = ?"
+                    " WHERE job_id = ? AND idx = ? AND status = 0",
+                    (status, chunk.error, job_id, chunk.chunk),
+                )
+                if cursor.rowcount:
+                    items += chunk.items
+                    succeeded += chunk.error is None
+                    failed += chunk.error is not None
+            db.execute(
+                "UPDATE flexq_batches SET items_processed = items_processed + ?,"
+                " chunks_succeeded = chunks_succeeded + ?, chunks_failed = chunks_failed + ?"
+                " WHERE job_id = ?",
+                (items, succeeded, failed, job_id),
+            )
+            return True
+
+    async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        return await self._run(self._batch_summary, job_id)
+
+    def _batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        db = self._db
+        row = db.execute(f"SELECT {_COUNTS} FROM flexq_batches WHERE job_id = ?", (job_id,))
+        found = row.fetchone()
+        if found is None:
+            raise JobNotFound(job_id)
+        errors = db.execute(
+            "SELECT idx, error FROM flexq_chunks WHERE job_id = ? AND status = ? ORDER BY idx",
+            (job_id, CHUNK_FAILED),
+        ).fetchall()
+        return BatchCounts(bool(found[0]), *found[1:]), errors
+
+
+NO_COUNTS = BatchCounts(False, 0, 0, 0, 0, 0)
+
+_HOLDING_TENANTS = """
+WITH RECURSIVE holding(tenant) AS (
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_holding
+            WHERE state = 'HOLDING' ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_holding
+            WHERE state = 'HOLDING' AND tenant > holding.tenant ORDER BY tenant LIMIT 1)
+    FROM holding WHERE holding.tenant IS NOT NULL
+)
+SELECT tenant FROM holding WHERE tenant IS NOT NULL
+"""
+
+_QUEUED_TENANTS = """
+WITH RECURSIVE ready(tenant) AS (
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_ready
+            WHERE state = 'QUEUED' AND lease_expiries = 0 ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM flexq_jobs INDEXED BY flexq_jobs_ready
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+            ORDER BY tenant LIMIT 1)
+    FROM ready WHERE ready.tenant IS NOT NULL
+)
+SELECT tenant FROM ready WHERE tenant IS NOT NULL
+"""
+
+
+def _usage(db: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+    (holding,) = db.execute(
+        "SELECT COUNT(*) FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+        " WHERE tenant = ? AND state = 'HOLDING'",
+        (tenant,),
+    ).fetchone()
+    (active,) = db.execute(
+        "SELECT COUNT(*) FROM flexq_jobs INDEXED BY flexq_jobs_active_batches"
+        f" WHERE tenant = ? AND kind = 'batch' AND state IN ({_ACTIVE})",
+        (tenant,),
+    ).fetchone()
+    return holding, active
+
+
+def _holds(db: sqlite3.Connection, owner: str, job_id: JobId) -> bool:
+    row = db.execute(f"SELECT 1 FROM flexq_jobs {_GUARD}", (job_id, owner)).fetchone()
+    return row is not None
+
+
+def _last_position(db: sqlite3.Connection, tenant: str) -> float:
+    (last,) = db.execute(
+        "SELECT MAX(position) FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+        " WHERE tenant = ? AND state = 'HOLDING'",
+        (tenant,),
+    ).fetchone()
+    return 0.0 if last is None else float(last)
+
+
+def _holding_row(db: sqlite3.Connection, job_id: JobId) -> tuple[str, float]:
+    row = db.execute("SELECT tenant, state, position FROM flexq_jobs WHERE id = ?", (job_id,))
+    found = row.fetchone()
+    if found is None:
+        raise JobNotFound(job_id)
+    if found[1] != State.HOLDING:
+        raise NotHolding(job_id, found[1])
+    return found[0], found[2]
+
+
+def _bounds(
+    db: sqlite3.Connection, tenant: str, job_id: JobId, placement: Placement
+) -> tuple[float | None, float | None]:
+    """The positions (of the other HOLDING jobs) between which the job is to go."""
+    others = (
+        "SELECT position FROM flexq_jobs INDEXED BY flexq_jobs_holding"
+        " WHERE tenant = ?1 AND state = 'HOLDING' AND id != ?2"
+    )
+
+    def one(sql: str, *params: Any) -> float | None:
+        found = db.execute(sql, (tenant, job_id, *params)).fetchone()
+        return None if found is None else float(found[0])
+
+    if placement.to == "front":
+        return None, one(others + " ORDER BY position LIMIT 1")
+    if placement.to == "end":
+        return one(others + " ORDER BY position DESC LIMIT 1"), None
+    if placement.to == "index":
+        low = None
+        if placement.place > 0:
+            low = one(others + " ORDER BY position LIMIT 1 OFFSET ?3", placement.place - 1)
+            if low is None:
+                return one(others + " ORDER BY position DESC LIMIT 1"), None
+        high = one(
+            others
+            + (" AND position > ?3" if low is not None else " AND ?3 IS NULL")
+            + " ORDER BY position LIMIT 1",
+            low,
+        )
+        return low, high
+    other = placement.other or ""
+    other_tenant, anchor = _holding_row(db, other)
+    if other_tenant != tenant:
+        raise InvalidArguments(
+            f"job {other!r} is in tenant {other_tenant!r}'s holding queue, not {tenant!r}'s"
+        )
+    if other == job_id:
+        raise InvalidArguments(f"cannot move job {job_id!r} {placement.to} itself")
+    if placement.to == "before":
+        return one(others + " AND position < ?3 ORDER BY position DESC LIMIT 1", anchor), anchor
+    return anchor, one(others + " AND position > ?3 ORDER BY position LIMIT 1", anchor)
+
+
+def _between(low: float | None, high: float | None) -> float | None:
+    """A position strictly between two (None: open end), or None if the gap is too small."""
+    if low is None and high is None:
+        return HOLDING_STEP
+    if low is None:
+        return high - HOLDING_STEP  # type: ignore[operator]
+    if high is None:
+        return low + HOLDING_STEP
+    middle = (low + high) / 2
+    return middle if low < middle < high else None
+
+
+def _renumber(db: sqlite3.Connection, tenant: str) -> None:
+    """Spread the tenant's holding queue out again: HOLDING_STEP between neighbours."""
+    db.execute(
+        "WITH ranked AS (SELECT seq, ROW_NUMBER() OVER (ORDER BY position) AS n"
+        " FROM flexq_jobs INDEXED BY flexq_jobs_holding WHERE tenant = ? AND state = 'HOLDING')"
+        " UPDATE flexq_jobs SET position = ranked.n * ? FROM ranked"
+        " WHERE flexq_jobs.seq = ranked.seq",
+        (tenant, HOLDING_STEP),
+    )
 
 
 def _insert_row(job: NewJob, now: float) -> tuple[Any, ...]:
@@ -707,7 +1151,7 @@ def _update_from_values(update: str, count: int) -> str:
         f"WITH v({columns}) AS (VALUES {', '.join([row] * count)})"
         f" UPDATE flexq_jobs SET {assignments} FROM v"
         f" WHERE flexq_jobs.id = v.id AND lease_owner = ? AND state IN ({_RUNNING})"
-        " RETURNING flexq_jobs.id"
+        " RETURNING flexq_jobs.id, flexq_jobs.tenant, flexq_jobs.kind, flexq_jobs.state"
     )
 
 
@@ -792,4 +1236,5 @@ def _info(row: tuple[Any, ...]) -> JobInfo:
         key=row[18],
         progress=row[19],
         abort_requested=row[20],
+        batch=None if row[21] is None else BatchCounts(bool(row[21]), *row[22:27]),
     )
