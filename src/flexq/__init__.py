@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from flexq._backoff import Backoff as Backoff
+from flexq._batch import BatchContext as BatchContext
+from flexq._batch import BatchSummary as BatchSummary
+from flexq._batch import ChunkError as ChunkError
 from flexq._context import Context as Context
 from flexq._errors import DuplicateJob as DuplicateJob
 from flexq._errors import FlexqError as FlexqError
@@ -11,11 +14,19 @@ from flexq._errors import InvalidArguments as InvalidArguments
 from flexq._errors import JobNotFound as JobNotFound
 from flexq._errors import JobTimeout as JobTimeout
 from flexq._errors import LimitExceeded as LimitExceeded
+from flexq._errors import NotHolding as NotHolding
 from flexq._errors import QueueClosed as QueueClosed
 from flexq._errors import StoreError as StoreError
 from flexq._errors import UnknownTask as UnknownTask
 from flexq._errors import WaitTimeout as WaitTimeout
+from flexq._explain import Explanation as Explanation
+from flexq._explain import WaitReason as WaitReason
+from flexq._explain import Why as Why
+from flexq._flex import FlexQueue as FlexQueue
+from flexq._limits import Limits as Limits
+from flexq._limits import LimitUsage as LimitUsage
 from flexq._models import JSON as JSON
+from flexq._models import BatchProgress as BatchProgress
 from flexq._models import Call as Call
 from flexq._models import JobError as JobError
 from flexq._models import JobId as JobId
@@ -34,9 +45,15 @@ __all__ = [
     "JSON",
     "TRANSITIONS",
     "Backoff",
+    "BatchContext",
+    "BatchProgress",
+    "BatchSummary",
     "Call",
+    "ChunkError",
     "Context",
     "DuplicateJob",
+    "Explanation",
+    "FlexQueue",
     "FlexqError",
     "IllegalTransition",
     "InvalidArguments",
@@ -47,6 +64,9 @@ __all__ = [
     "JobTimeout",
     "Kind",
     "LimitExceeded",
+    "LimitUsage",
+    "Limits",
+    "NotHolding",
     "Page",
     "Pause",
     "PauseScope",
@@ -57,5 +77,7 @@ __all__ = [
     "StoreError",
     "Task",
     "UnknownTask",
+    "WaitReason",
     "WaitTimeout",
+    "Why",
 ]

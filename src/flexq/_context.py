@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from flexq._errors import LimitExceeded
 from flexq._serialize import dumps
 
 if TYPE_CHECKING:
@@ -91,21 +92,35 @@ class Context:
         on_duplicate: OnDuplicate = "raise",
         kwargs: dict[str, JSON] | None = None,
     ) -> JobId:
-        """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue."""
-        job_id = await self._queue._enqueue_one(
-            task,
-            args,
-            kwargs,
-            tenant=self.tenant if tenant is None else tenant,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            key=key,
-            on_duplicate=on_duplicate,
-            parent_id=self.job_id,
-        )
-        self.children_enqueued += 1
-        return job_id
+        """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue.
+
+        Raises:
+            LimitExceeded: this run enqueued ``max_children_per_run`` jobs already (see
+                :class:`flexq.Limits`).
+        """
+        limit = self._queue.limits_of(self.tenant).max_children_per_run
+        if self.children_enqueued >= limit:
+            raise LimitExceeded(
+                f"a run of {self.task!r} may enqueue at most {limit} jobs"
+                f" (max_children_per_run of tenant {self.tenant!r})"
+            )
+        self.children_enqueued += 1  # before the await: concurrent calls count too
+        try:
+            return await self._queue._enqueue_one(
+                task,
+                args,
+                kwargs,
+                tenant=self.tenant if tenant is None else tenant,
+                priority=priority,
+                delay=delay,
+                run_at=run_at,
+                key=key,
+                on_duplicate=on_duplicate,
+                parent_id=self.job_id,
+            )
+        except BaseException:
+            self.children_enqueued -= 1
+            raise
 
     async def set_progress(self, progress: JSON) -> None:
         """Record how far the job got (any JSON value); visible as ``JobInfo.progress``."""

@@ -116,6 +116,7 @@ class Dispatcher:
             tenants, self._next_run_at = await self._store.promote(now)
             self._fairness.add(tenants)
         if now >= self._next_poll:
+            self._fairness.add(await self._store.admit(now))
             self._fairness.add(await self._store.ready_tenants(self._tasks))
             self._suspects = await self._store.has_suspects(self._tasks)
             self._next_poll = self._clock() + self._poll_interval

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 import anyio
 
 from flexq._backoff import Backoff
+from flexq._batch import make_batch_task
 from flexq._batching import GroupCommit
 from flexq._dispatcher import Dispatcher
 from flexq._errors import (
@@ -22,7 +23,10 @@ from flexq._errors import (
     UnknownTask,
     WaitTimeout,
 )
+from flexq._explain import Explanation, LocalFacts, explain
 from flexq._fairness import DeficitRoundRobin
+from flexq._flex import FlexQueue
+from flexq._limits import Limits, LimitTable, LimitUsage
 from flexq._models import Call, JobInfo, Page, Pause, PauseScope, QueueStatistics
 from flexq._runner import Runner
 from flexq._serialize import dumps
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 R2 = TypeVar("R2")
+C = TypeVar("C", bound=type)
 
 DEFAULT_TENANT = "default"
 
@@ -51,6 +56,7 @@ class _Options(NamedTuple):
     priority: int | None
     run_at: float
     key: str | None
+    delayed: bool
 
 
 class _Waiter:
@@ -103,6 +109,9 @@ class Queue:
         weights: fair-share weight per tenant (default 1.0; 2.0 gets twice the workers).
         max_lease_expiries: a job whose lease expired this many times (its process keeps dying)
             ends FAILED instead of being run again.
+        limits: the :class:`Limits` of every tenant (holding queue size, active batch slots,
+            children per run); every process sharing a store should use the same.
+        tenant_limits: limits of particular tenants, overriding ``limits``.
         clock: the time source (epoch seconds) for timestamps; tests may replace it.
     """
 
@@ -121,6 +130,8 @@ class Queue:
         backoff: Backoff | None = None,
         weights: Mapping[str, float] | None = None,
         max_lease_expiries: int = 3,
+        limits: Limits | None = None,
+        tenant_limits: Mapping[str, Limits] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         retention_seconds = (
@@ -136,7 +147,9 @@ class Queue:
         _check_seconds("grace_period", grace_period, allow_zero=True)
         if max_loop_lag is not None:
             _check_seconds("max_loop_lag", max_loop_lag, allow_zero=False)
+        self._limits = LimitTable(limits, tenant_limits)
         self._store: Store = store_from_url(url) if isinstance(url, str) else url
+        self._store.set_limits(self._limits)
         self.workers = workers
         self.lease = lease
         self.poll_interval = poll_interval
@@ -175,6 +188,11 @@ class Queue:
     def tasks(self) -> Mapping[str, Task[Any]]:
         """The registered tasks by name."""
         return dict(self._tasks)
+
+    @property
+    def flex(self) -> FlexQueue:
+        """The holding queues of batch jobs: read and change their order."""
+        return FlexQueue(self)
 
     # -- registration -----------------------------------------------------------------------
 
@@ -222,14 +240,77 @@ class Queue:
                 handler, name=name, kind=kind, retries=retries, timeout=timeout,
                 priority=priority, backoff=backoff,
             )  # fmt: skip
-            if task.name in self._tasks:
-                raise InvalidArguments(f"a task named {task.name!r} is already registered")
-            self._tasks[task.name] = task
+            self._register(task)
             return task
 
         if fn is None:
             return register
         return register(fn)
+
+    def _register(self, task: Task[Any]) -> None:
+        if task.name in self._tasks:
+            raise InvalidArguments(f"a task named {task.name!r} is already registered")
+        self._tasks[task.name] = task
+
+    @overload
+    def batch(self, cls: C, /) -> C: ...
+    @overload
+    def batch(
+        self,
+        /,
+        *,
+        scope: int = 200,
+        retries: int = 0,
+        concurrency: int = 1,
+        timeout: float | None = None,
+        name: str | None = None,
+        priority: int = 0,
+        backoff: Backoff | None = None,
+    ) -> Callable[[C], C]: ...
+    def batch(
+        self,
+        cls: C | None = None,
+        /,
+        *,
+        scope: int = 200,
+        retries: int = 0,
+        concurrency: int = 1,
+        timeout: float | None = None,
+        name: str | None = None,
+        priority: int = 0,
+        backoff: Backoff | None = None,
+    ) -> C | Callable[[C], C]:
+        """Register a batch class: ``start`` yields items, ``execute`` runs on each chunk of
+        ``scope`` items, ``finish`` runs once at the end (a decorator, with or without options).
+
+        The class is returned unchanged; enqueue it like a task: ``queue.enqueue(Reindex, ...)``.
+        Its jobs wait in the tenant's holding queue (HOLDING) for one of the tenant's active
+        slots.
+
+        Args:
+            scope: items per chunk.
+            retries: extra tries of a chunk whose ``execute`` raised (and extra attempts of a
+                ``start`` that raised), with ``backoff`` between them. A chunk that fails every
+                try is counted as failed and the batch goes on.
+            concurrency: chunks of one job that may run at once.
+            timeout: seconds one ``execute`` call may run before it counts as a failed try.
+            name: the name jobs refer to it by (default: ``module.qualname``).
+            priority: default priority of its jobs within the tenant.
+            backoff: wait between tries, instead of the queue's.
+        """
+
+        def register(batch_class: C) -> C:
+            task = make_batch_task(
+                batch_class, name=name, scope=scope, retries=retries, concurrency=concurrency,
+                timeout=timeout, priority=priority, backoff=backoff,
+            )  # fmt: skip
+            self._register(task)
+            batch_class.__flexq_task__ = task  # type: ignore[attr-defined]
+            return batch_class
+
+        if cls is None:
+            return register
+        return register(cls)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -280,6 +361,7 @@ class Queue:
             queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
             workers=self.workers, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
+            on_batch_ended=self._batch_ended,
         )  # fmt: skip
         dispatcher = Dispatcher(
             store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
@@ -339,6 +421,11 @@ class Queue:
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.notify()
+
+    def _batch_ended(self) -> None:
+        # The transaction that ended it admitted the tenant's next holding job, if any.
+        if self._dispatcher is not None:
+            self._dispatcher.poll_now()
 
     def _outcomes_written(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -487,6 +574,7 @@ class Queue:
         return await self._store.enqueue(units, self._clock())
 
     def _resolve(self, task: TaskRef) -> Task[Any]:
+        task = getattr(task, "__flexq_task__", task)
         name = task if isinstance(task, str) else getattr(task, "name", None)
         registered = self._tasks.get(name) if isinstance(name, str) else None
         if registered is None or (not isinstance(task, str) and registered is not task):
@@ -513,7 +601,8 @@ class Queue:
             raise InvalidArguments(f"key must be a non-empty string of <= 512 chars: {key!r}")
         if priority is not None:
             check_priority(priority)
-        return _Options(tenant, priority, _start_time(now, delay, run_at), key)
+        delayed = delay is not None or run_at is not None
+        return _Options(tenant, priority, _start_time(now, delay, run_at), key, delayed)
 
     @staticmethod
     def _new_job(
@@ -524,6 +613,11 @@ class Queue:
         parent_id: JobId | None,
     ) -> NewJob:
         spec.check_arguments(args, kwargs)
+        if spec.batch is not None and options.delayed:
+            raise InvalidArguments(
+                f"batch task {spec.name!r} cannot be delayed: batch jobs wait in the holding"
+                " queue for a slot, not for a time"
+            )
         return NewJob(
             id=new_job_id(),
             task=spec.name,
@@ -533,7 +627,7 @@ class Queue:
             args=dumps(args, "task arguments") if args else "[]",
             kwargs=dumps(kwargs, "task keyword arguments") if kwargs else "{}",
             max_attempts=spec.max_attempts,
-            timeout=spec.timeout,
+            timeout=spec.timeout if spec.batch is None else None,
             run_at=options.run_at,
             key=options.key,
             parent_id=parent_id,
@@ -642,7 +736,7 @@ class Queue:
             tenant=tenant,
             state=state,
             kind=kind,
-            task=task if task is None or isinstance(task, str) else task.name,
+            task=task if task is None or isinstance(task, str) else _task_name(task),
             created_after=None if created_after is None else _timestamp(created_after),
             created_before=None if created_before is None else _timestamp(created_before),
         )
@@ -681,6 +775,8 @@ class Queue:
         state = await self._store.request_abort(job_id, self._clock())
         if state is State.ABORTED:
             self._job_finished(job_id)
+            if self._dispatcher is not None:  # an aborted batch job may have freed a slot
+                self._dispatcher.poll_now()
         else:
             self._abort_held([job_id])
         return state
@@ -716,8 +812,47 @@ class Queue:
         if tenant is not None:
             return PauseScope.TENANT, tenant
         if task is not None:
-            return PauseScope.TASK, task if isinstance(task, str) else task.name
+            return PauseScope.TASK, _task_name(task)
         return PauseScope.QUEUE, ""
+
+    # -- batch jobs: limits and explanations --------------------------------------------------
+
+    def limits_of(self, tenant: str) -> Limits:
+        """The limits configured for ``tenant`` (its override, or the queue's)."""
+        return self._limits(tenant)
+
+    async def limits(self, tenant: str) -> LimitUsage:
+        """The tenant's limits and its use of them now (holding n/100, active n/5)."""
+        self._check_open()
+        holding, active = await self._store.usage(tenant)
+        return LimitUsage(tenant, self._limits(tenant), holding, active)
+
+    async def explain(self, job_id: JobId) -> Explanation:
+        """Why the job is not running (or that it is, or is final), reason by reason.
+
+        Reasons: its place in the holding queue and the tenant's active slots in use, a
+        ``run_at`` not reached, a pause of the queue, tenant or task, this process's dispatcher
+        throttled by host load or its workers all busy, jobs ahead of it in its tenant and other
+        tenants sharing the workers, a task this process does not run. Raises JobNotFound.
+        """
+        self._check_open()
+        facts = await self._store.wait_facts(job_id)
+        runner, monitor = self._runner, self._monitor
+        local = LocalFacts(
+            now=self._clock(),
+            limits=self._limits(facts.info.tenant),
+            runs_task=facts.info.task in self._tasks and runner is not None,
+            workers=self.workers,
+            busy_workers=runner.in_flight if runner is not None else 0,
+            throttled=monitor.overloaded if monitor is not None else False,
+            loop_lag=monitor.lag if monitor is not None else 0.0,
+        )
+        return explain(facts, local)
+
+
+def _task_name(task: TaskRef) -> str:
+    named = getattr(task, "__flexq_task__", task)
+    return named if isinstance(named, str) else str(getattr(named, "name", named))
 
 
 def _check_count(name: str, value: object, low: int, high: int | None = None) -> None:

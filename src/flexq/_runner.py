@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from flexq._batch import BatchRun
 from flexq._context import Context
-from flexq._errors import InvalidArguments, JobTimeout
+from flexq._errors import InvalidArguments, JobTimeout, NotRetried
 from flexq._serialize import dumps, loads
 from flexq._states import Kind, State
 from flexq._store.base import ClaimedJob, Outcome, error_record
@@ -76,6 +77,7 @@ class Runner:
         clock: Callable[[], float],
         on_slot_free: Callable[[], None],
         on_written: Callable[[list[Outcome]], None],
+        on_batch_ended: Callable[[], None],
     ) -> None:
         self._queue = queue
         self._store = store
@@ -86,6 +88,9 @@ class Runner:
         self._clock = clock
         self._on_slot_free = on_slot_free
         self._on_written = on_written
+        self._on_batch_ended = on_batch_ended
+        self._batches: set[JobId] = set()
+        """Batch jobs held, until their outcome is written."""
         self._ready: collections.deque[ClaimedJob] = collections.deque()
         self._parked: list[anyio.Event] = []
         self._closed = False
@@ -114,6 +119,8 @@ class Runner:
             if self._idle.is_set():
                 self._idle = anyio.Event()
             self._held[job.id] = _Attempt(job)
+            if job.kind is Kind.BATCH:
+                self._batches.add(job.id)
         self._ready.extend(jobs)
         for _ in range(min(len(jobs), len(self._parked))):
             self._parked.pop().set()
@@ -247,6 +254,11 @@ class Runner:
         job = attempt.job
         task = self._tasks[job.task]
         try:
+            if task.batch is not None:
+                return await BatchRun(
+                    queue=self._queue, store=self._store, owner=self._owner, task=task, job=job,
+                    backoff=self._backoff, clock=self._clock,
+                ).run(), None  # fmt: skip
             context = None
             if task.context_parameter is not None:
                 context = Context(self._queue, job, self._owner)
@@ -273,13 +285,13 @@ class Runner:
         try:
             return dumps(value, "a task's return value"), None
         except InvalidArguments as exc:
-            return None, _NotRetried(exc)
+            return None, NotRetried(exc)
 
     def _failure(self, job: ClaimedJob, error: BaseException) -> Outcome:
         now = self._clock()
         task = self._tasks[job.task]
-        final = isinstance(error, _NotRetried)
-        if isinstance(error, _NotRetried):
+        final = isinstance(error, NotRetried)
+        if isinstance(error, NotRetried):
             error = error.error
         record = dumps(
             error_record(
@@ -325,14 +337,9 @@ class Runner:
                     await anyio.sleep(0.5)
                     continue
                 self._on_written([outcome for outcome in batch if outcome.job_id in written])
-
-
-class _NotRetried(Exception):
-    """Wraps an error that another attempt cannot mend (a result that is not JSON)."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
+                if self._batches and any(o.job_id in self._batches for o in batch):
+                    self._batches.difference_update(o.job_id for o in batch)
+                    self._on_batch_ended()
 
 
 def _stray_cancellation() -> bool:

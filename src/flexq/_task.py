@@ -15,6 +15,7 @@ from flexq._states import Kind
 
 if typing.TYPE_CHECKING:
     from flexq._backoff import Backoff
+    from flexq._batch import BatchSpec
 
 R = TypeVar("R")
 _NO_NAMES: frozenset[str] = frozenset()
@@ -43,6 +44,8 @@ class Task(Generic[R]):
     """The function's signature without the context parameter: what a job's arguments bind to."""
     context_position: int | None
     """Where the context goes among positional arguments (None: by keyword)."""
+    batch: BatchSpec | None = None
+    """For a batch task (``@queue.batch``): its class, scope and chunk concurrency."""
     _fitting_shapes: set[tuple[int, frozenset[str]]] = dataclasses.field(
         default_factory=set, repr=False
     )
@@ -84,8 +87,8 @@ class Task(Generic[R]):
         self._fitting_shapes.add(shape)
 
 
-TaskRef: TypeAlias = "Task[Any] | str"
-"""A task given by its object or its registered name."""
+TaskRef: TypeAlias = "Task[Any] | str | type"
+"""A task given by its object, its registered name, or (a batch) its class."""
 
 
 def make_task(
@@ -107,14 +110,7 @@ def make_task(
         raise InvalidArguments(f"kind must be 'future' or 'queueable', not {kind!r}") from None
     if job_kind not in (Kind.FUTURE, Kind.QUEUEABLE):
         raise InvalidArguments(f"kind must be 'future' or 'queueable', not {kind!r}")
-    if not _is_int(retries) or retries < 0:
-        raise InvalidArguments(f"retries must be an int >= 0, not {retries!r}")
-    if timeout is not None and not (_is_number(timeout) and 0 < timeout < math.inf):
-        raise InvalidArguments(f"timeout must be a positive number of seconds, not {timeout!r}")
-    check_priority(priority)
-    task_name = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
-    if not isinstance(task_name, str) or not task_name:
-        raise InvalidArguments(f"a task name must be a non-empty string, not {task_name!r}")
+    task_name = check_options(fn, name=name, retries=retries, timeout=timeout, priority=priority)
     context_parameter = _context_parameter(fn)
     signature = inspect.signature(fn)
     context_position = None
@@ -132,6 +128,22 @@ def make_task(
         priority=priority, backoff=backoff, context_parameter=context_parameter,
         signature=signature, context_position=context_position,
     )  # fmt: skip
+
+
+def check_options(
+    fn: Callable[..., Any] | type, *, name: str | None, retries: int, timeout: float | None,
+    priority: int,
+) -> str:  # fmt: skip
+    """Validate the options every task takes; return its name (default ``module.qualname``)."""
+    if not _is_int(retries) or retries < 0:
+        raise InvalidArguments(f"retries must be an int >= 0, not {retries!r}")
+    if timeout is not None and not (_is_number(timeout) and 0 < timeout < math.inf):
+        raise InvalidArguments(f"timeout must be a positive number of seconds, not {timeout!r}")
+    check_priority(priority)
+    task_name = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
+    if not isinstance(task_name, str) or not task_name:
+        raise InvalidArguments(f"a task name must be a non-empty string, not {task_name!r}")
+    return task_name
 
 
 def check_priority(priority: object) -> int:
