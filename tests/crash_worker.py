@@ -22,7 +22,7 @@ import anyio
 import flexq
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
 LEASE = 1.0
 POLL_INTERVAL = 0.05
@@ -60,6 +60,36 @@ def register_tasks(queue: flexq.Queue, runs: RunLog) -> dict[str, flexq.Task[Any
     return {"work": work, "poison": poison}
 
 
+def register_batch(queue: flexq.Queue, runs: RunLog) -> type:
+    """Register the crash-test batch: one item per chunk; chunk ``i`` logs ``chunk i pid``."""
+
+    @queue.batch(name="crash.batch", scope=1)
+    class CrashBatch:
+        async def start(self, ctx: flexq.BatchContext, items: int, pause: float) -> list[Any]:
+            runs.write("batch-start", os.getpid())
+            return [[i, pause] for i in range(items)]
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[Any]) -> None:
+            for i, pause in chunk:
+                runs.write("chunk", i, os.getpid())
+                await anyio.sleep(pause)
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            runs.write("batch-finish", os.getpid())
+
+    @queue.batch(name="crash.slow-start", scope=1)
+    class SlowStart(CrashBatch):
+        async def start(  # type: ignore[override]
+            self, ctx: flexq.BatchContext, items: int, pause: float
+        ) -> AsyncIterator[list[Any]]:
+            runs.write("batch-start", os.getpid())
+            for i in range(items):
+                await anyio.sleep(pause)
+                yield [i, 0.0]
+
+    return CrashBatch
+
+
 async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
     runs = RunLog(runs_path)
     queue = flexq.Queue(
@@ -71,6 +101,7 @@ async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
         backoff=flexq.Backoff(base=0.01, maximum=0.05, jitter=0.0),
     )
     register_tasks(queue, runs)
+    register_batch(queue, runs)
     async with queue:
         runs.write("ready", os.getpid())
         await anyio.sleep_forever()

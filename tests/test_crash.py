@@ -26,7 +26,7 @@ import pytest
 import flexq
 from flexq import Call, JobInfo, State
 
-from .crash_worker import LEASE, RunLog, register_tasks
+from .crash_worker import LEASE, RunLog, register_batch, register_tasks
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +48,10 @@ class Runs:
     """Pids of the worker processes that came up, in order."""
     pids_by_job: dict[int, list[int]]
     """The processes that started each job."""
+    chunks: collections.Counter[int]
+    """How often each chunk of the crash batch ran."""
+    batch_events: collections.Counter[str]
+    """How often the crash batch's start and finish ran."""
 
     @property
     def working_pids(self) -> set[int]:
@@ -59,6 +63,8 @@ async def read_runs(path: Path) -> Runs:
     dones: collections.Counter[int] = collections.Counter()
     ready: list[int] = []
     pids_by_job: dict[int, list[int]] = collections.defaultdict(list)
+    chunks: collections.Counter[int] = collections.Counter()
+    batch_events: collections.Counter[str] = collections.Counter()
     apath = anyio.Path(path)
     text = await apath.read_text() if await apath.exists() else ""
     for line in text.splitlines():
@@ -70,9 +76,13 @@ async def read_runs(path: Path) -> Runs:
                 pids_by_job[int(n)].append(int(pid))
             case ["done", n, _]:
                 dones[int(n)] += 1
+            case ["chunk", n, _]:
+                chunks[int(n)] += 1
+            case ["batch-start" | "batch-finish" as event, _]:
+                batch_events[event] += 1
             case _:
                 pytest.fail(f"torn or unknown line in the run log: {line!r}")
-    return Runs(starts, dones, tuple(ready), dict(pids_by_job))
+    return Runs(starts, dones, tuple(ready), dict(pids_by_job), chunks, batch_events)
 
 
 class WorkerProcesses:
@@ -152,6 +162,7 @@ async def producer(db: Path) -> AsyncIterator[tuple[flexq.Queue, dict[str, flexq
     """A queue that only enqueues and queries (no workers), with the crash tasks registered."""
     queue = flexq.Queue(f"sqlite:///{db}", poll_interval=0.05)
     tasks = register_tasks(queue, RunLog(os.devnull))
+    register_batch(queue, RunLog(os.devnull))
     await queue.open()
     try:
         yield queue, tasks
@@ -444,3 +455,62 @@ async def test_shutdown_releases_jobs_that_outlive_the_grace_period(
         for n, job_id in zip((2, 3), slow, strict=True):
             info = await later.wait(job_id, timeout=5)
             assert (info.state, info.attempts, info.result) == (State.COMPLETED, 1, n), info
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_batch_resumes_from_the_first_uncommitted_chunk(
+    worker_processes: WorkerProcesses,
+) -> None:
+    """A batch whose process is SIGKILLed while it processes chunks resumes in a new process:
+    ``start`` does not run again, no chunk checkpointed before the kill runs again, every chunk
+    runs, and ``finish`` runs once."""
+    chunks = 60
+    async with producer(worker_processes.db) as (queue, _):
+        job_id = await queue.enqueue("crash.batch", chunks, 0.03, tenant="acme")
+        worker = await worker_processes.start_ready()
+
+        async def some_chunks_ran() -> bool:
+            return len((await read_runs(worker_processes.runs)).chunks) >= 20
+
+        await until(some_chunks_ran, 30, "20 chunks to run")
+        await worker_processes.kill(worker)
+        pending = await queue.store.pending_chunks(job_id, -1, chunks)
+        committed = set(range(chunks)) - {index for index, _ in pending}
+        assert len(committed) >= 10, "the checkpoints of the chunks that ran were written"
+        assert pending, "the kill came before the last chunk"
+
+        await worker_processes.start_ready()
+        info = await queue.wait(job_id, timeout=60)
+    runs = await read_runs(worker_processes.runs)
+    assert info.state is State.COMPLETED, info.errors
+    assert runs.batch_events == {"batch-start": 1, "batch-finish": 1}
+    assert set(runs.chunks) == set(range(chunks))
+    assert all(runs.chunks[index] == 1 for index in committed), "a committed chunk ran again"
+    assert info.progress == flexq.BatchProgress(chunks, chunks, 0, chunks, chunks, 0)
+    assert info.errors[-1].type == "flexq.LeaseExpired"
+
+
+@pytest.mark.slow
+async def test_sigkill_during_start_runs_start_again_without_duplicate_items(
+    worker_processes: WorkerProcesses,
+) -> None:
+    """A batch killed while ``start`` streams its items (some already written) runs ``start``
+    again from scratch: the items of the dead attempt are dropped, none is lost or doubled."""
+    items = 120
+    async with producer(worker_processes.db) as (queue, _):
+        job_id = await queue.enqueue("crash.slow-start", items, 0.02, tenant="acme")
+        worker = await worker_processes.start_ready()
+
+        async def some_chunks_written() -> bool:
+            return bool(await queue.store.pending_chunks(job_id, -1, 1))
+
+        await until(some_chunks_written, 30, "start to write its first chunks")
+        assert (await queue.get(job_id)).state is State.PREPARING
+        await worker_processes.kill(worker)
+        await worker_processes.start_ready()
+        info = await queue.wait(job_id, timeout=60)
+    runs = await read_runs(worker_processes.runs)
+    assert info.state is State.COMPLETED, info.errors
+    assert runs.batch_events == {"batch-start": 2, "batch-finish": 1}
+    assert runs.chunks == dict.fromkeys(range(items), 1)
+    assert info.progress == flexq.BatchProgress(items, items, 0, items, items, 0)
