@@ -127,6 +127,7 @@ def _failure_key(value: object) -> tuple[str, str] | None:
 def _enqueue_key(result: EnqueueResult) -> Hashable:
     if isinstance(result, DuplicateJob):
         return ("duplicate", result.tenant, result.key, result.existing_id)
+    assert isinstance(result, list), result  # no batch jobs here: no full holding queue
     return ("ids", tuple(result))
 
 
@@ -379,10 +380,10 @@ class StoreComparison(RuleBasedStateMachine):
         for result in results:
             if isinstance(result, DuplicateJob):
                 event("enqueue: a unit raised DuplicateJob")
-            elif any(job_id in self.created for job_id in result):
+            elif isinstance(result, list) and any(job_id in self.created for job_id in result):
                 event("enqueue: a held key returned its job's id")
         for written, result in zip(built, results, strict=True):
-            if isinstance(result, DuplicateJob):
+            if not isinstance(result, list):
                 continue
             fresh = {job.id: job for job in written.jobs}
             for job_id in result:
