@@ -113,8 +113,8 @@ def explain(facts: WaitFacts, local: LocalFacts) -> Explanation:
             add(Why.RUNNING, f"it is running ({info.state})")
     elif info.state is State.HOLDING:
         position = (facts.holding_position or 0) + 1
-        add(Why.HOLDING, f"it is number {position} of {facts.holding} in tenant {tenant!r}'s"
-                         " holding queue")  # fmt: skip
+        add(Why.HOLDING, f"it is number {position} of {facts.holding} in the holding queue of"
+                         f" tenant {tenant!r}")  # fmt: skip
         if facts.active_batches >= local.limits.max_active_batches:
             add(Why.SLOTS_FULL, f"tenant {tenant!r} uses {slots}; it is admitted when one frees")
         else:
