@@ -465,8 +465,8 @@ async def test_sigkill_mid_batch_resumes_from_the_first_uncommitted_chunk(
     ``start`` does not run again, no chunk checkpointed before the kill runs again, every chunk
     runs, and ``finish`` runs once."""
     chunks = 60
-    async with producer(worker_processes.db) as (queue, _):
-        job_id = await queue.enqueue("crash.batch", chunks, 0.03, tenant="acme")
+    async with producer(worker_processes.db) as (queue, tasks):
+        job_id = await queue.enqueue("crash.batch", chunks, 0.05, tenant="acme")
         worker = await worker_processes.start_ready()
 
         async def some_chunks_ran() -> bool:
@@ -480,6 +480,16 @@ async def test_sigkill_mid_batch_resumes_from_the_first_uncommitted_chunk(
         assert pending, "the kill came before the last chunk"
 
         await worker_processes.start_ready()
+
+        async def resumed() -> bool:
+            info = await queue.get(job_id)
+            return info.state is State.PROCESSING and info.attempts == 2
+
+        await until(resumed, 30, "the batch to resume in the new process")
+        # It runs alone only until its first checkpoint: other jobs run beside it then.
+        beside = await queue.enqueue(tasks["work"], 1000, 0.0)
+        assert (await queue.wait(beside, timeout=30)).state is State.COMPLETED
+        assert not (await queue.get(job_id)).is_final
         info = await queue.wait(job_id, timeout=60)
     runs = await read_runs(worker_processes.runs)
     assert info.state is State.COMPLETED, info.errors

@@ -179,6 +179,7 @@ class BatchRun:
         job: ClaimedJob,
         backoff: Backoff,
         clock: Callable[[], float],
+        on_checkpoint: Callable[[], None],
     ) -> None:
         assert task.batch is not None
         self._queue = queue
@@ -189,6 +190,8 @@ class BatchRun:
         self._job = job
         self._backoff = task.backoff or backoff
         self._clock = clock
+        self._on_checkpoint: Callable[[], None] | None = on_checkpoint
+        """Called after the attempt's first checkpoint is written."""
         self._unwritten: list[ChunkDone] = []
         self._unwritten_event = anyio.Event()
         self._processing = True
@@ -326,8 +329,13 @@ class BatchRun:
                     await self._unwritten_event.wait()
             self._unwritten_event = anyio.Event()
             done, self._unwritten = self._unwritten, []
-            if done and not await self._store.checkpoint(self._owner, self._job.id, done):
+            if not done:
+                continue
+            if not await self._store.checkpoint(self._owner, self._job.id, done):
                 raise LeaseLost(f"batch job {self._job.id!r} is no longer held by this process")
+            if self._on_checkpoint is not None:
+                self._on_checkpoint()
+                self._on_checkpoint = None
 
     async def _run_chunk(self, instance: Any, index: int, encoded: str) -> ChunkDone:
         items = loads(encoded)

@@ -29,7 +29,8 @@ class Dispatcher:
 
     A job whose worker died while running it (a suspect) runs alone: the dispatcher lets the
     running jobs finish, runs the suspect by itself, and only then claims again, so a job that
-    kills its process takes no innocent job with it.
+    kills its process takes no innocent job with it. A suspect batch job runs alone only until
+    it commits its first chunk.
     """
 
     def __init__(
@@ -72,6 +73,14 @@ class Dispatcher:
         """Look at the store again at once (after a resume, say)."""
         self._next_poll = 0.0
         self._wake.set()
+
+    def vouch(self) -> None:
+        """A running batch job committed a chunk: if it is the suspect that runs alone, it did
+        not kill its process this time, so the others may run beside it again."""
+        if self._isolating:
+            self._isolating = False
+            self._suspects = False  # the next poll looks again
+            self.poll_now()
 
     def stop(self) -> None:
         """Claim nothing more."""

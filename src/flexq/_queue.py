@@ -361,7 +361,7 @@ class Queue:
             queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
             workers=self.workers, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
-            on_batch_ended=self._batch_ended,
+            on_batch_ended=self._batch_ended, on_batch_checkpoint=self._batch_checkpointed,
         )  # fmt: skip
         dispatcher = Dispatcher(
             store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
@@ -421,6 +421,10 @@ class Queue:
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.notify()
+
+    def _batch_checkpointed(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.vouch()
 
     def _batch_ended(self) -> None:
         # The transaction that ended it admitted the tenant's next holding job, if any.

@@ -78,6 +78,7 @@ class Runner:
         on_slot_free: Callable[[], None],
         on_written: Callable[[list[Outcome]], None],
         on_batch_ended: Callable[[], None],
+        on_batch_checkpoint: Callable[[], None],
     ) -> None:
         self._queue = queue
         self._store = store
@@ -89,6 +90,7 @@ class Runner:
         self._on_slot_free = on_slot_free
         self._on_written = on_written
         self._on_batch_ended = on_batch_ended
+        self._on_batch_checkpoint = on_batch_checkpoint
         self._batches: set[JobId] = set()
         """Batch jobs held, until their outcome is written."""
         self._ready: collections.deque[ClaimedJob] = collections.deque()
@@ -258,6 +260,7 @@ class Runner:
                 return await BatchRun(
                     queue=self._queue, store=self._store, owner=self._owner, task=task, job=job,
                     backoff=self._backoff, clock=self._clock,
+                    on_checkpoint=self._on_batch_checkpoint,
                 ).run(), None  # fmt: skip
             context = None
             if task.context_parameter is not None:
