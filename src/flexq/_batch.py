@@ -291,6 +291,16 @@ class BatchRun:
     # -- chunks -----------------------------------------------------------------------------
 
     async def _process(self, instance: Any) -> None:
+        try:
+            await self._process_chunks(instance)
+        except ExceptionGroup as group:
+            # A store failure or a lost lease in one task: report it, not the groups around it.
+            first: Exception = group
+            while isinstance(first, ExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _process_chunks(self, instance: Any) -> None:
         after = -1
         async with anyio.create_task_group() as group:
             group.start_soon(self._write_checkpoints)

@@ -793,6 +793,10 @@ class SQLiteStore:
         return await self._run(self._admit_all)
 
     def _admit_all(self) -> list[str]:
+        db = self._db
+        tenants = [row[0] for row in db.execute(_HOLDING_TENANTS)]
+        if not any(_usage(db, t)[1] < self._limits(t).max_active_batches for t in tenants):
+            return []  # the usual case: no write lock taken
         with self._transaction() as db:
             tenants = [row[0] for row in db.execute(_HOLDING_TENANTS)]
             return [tenant for tenant in tenants if self._admit(db, tenant)]
