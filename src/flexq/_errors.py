@@ -72,3 +72,11 @@ class JobTimeout(FlexqError, TimeoutError):
 
 class WaitTimeout(FlexqError, TimeoutError):
     """:meth:`flexq.Queue.wait` gave up before the job reached a final state."""
+
+
+class ScheduleNotFound(FlexqError, LookupError):
+    """No schedule has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+        self.name = name

@@ -20,15 +20,34 @@ from flexq._errors import (
     FlexqError,
     InvalidArguments,
     QueueClosed,
+    ScheduleNotFound,
     UnknownTask,
     WaitTimeout,
 )
 from flexq._fairness import DeficitRoundRobin
-from flexq._models import Call, JobInfo, Page, Pause, PauseScope, QueueStatistics
+from flexq._models import (
+    Call,
+    JobInfo,
+    Page,
+    Pause,
+    PauseScope,
+    QueueStatistics,
+    ScheduleInfo,
+    ScheduleState,
+)
 from flexq._runner import Runner
+from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, schedule_info
 from flexq._serialize import dumps
 from flexq._states import Kind, State
-from flexq._store.base import EnqueueResult, EnqueueUnit, JobFilter, NewJob, OnDuplicate, Store
+from flexq._store.base import (
+    EnqueueResult,
+    EnqueueUnit,
+    JobFilter,
+    NewJob,
+    OnDuplicate,
+    ScheduleRecord,
+    Store,
+)
 from flexq._store.url import store_from_url
 from flexq._task import Handler, Task, TaskRef, check_priority, make_task
 from flexq._throttle import LoadMonitor
@@ -39,6 +58,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from flexq._models import JSON, JobId
+    from flexq._schedules import Misfire
     from flexq._store.base import Outcome
 
 R = TypeVar("R")
@@ -163,6 +183,7 @@ class Queue:
         self._runner: Runner | None = None
         self._monitor: LoadMonitor | None = None
         self._upkeep: Upkeep | None = None
+        self._scheduler: Scheduler | None = None
 
     def __repr__(self) -> str:
         return f"<flexq.Queue {self._store!r} workers={self.workers}>"
@@ -315,6 +336,11 @@ class Queue:
         group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
+        self._scheduler = Scheduler(
+            store=self._store, tasks=self._tasks, clock=self._clock,
+            poll_interval=self.poll_interval, new_id=new_job_id, on_fired=self._schedule_fired,
+        )  # fmt: skip
+        group.start_soon(self._scheduler.run)
 
     @staticmethod
     async def _dispatch(dispatcher: Dispatcher, done: anyio.Event) -> None:
@@ -334,6 +360,7 @@ class Queue:
                 await runner.drain(self.grace_period)
         finally:
             self._group = None
+            self._scheduler = None
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
 
@@ -719,6 +746,129 @@ class Queue:
         if task is not None:
             return PauseScope.TASK, task if isinstance(task, str) else task.name
         return PauseScope.QUEUE, ""
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        name: str,
+        cron: str,
+        task: TaskRef,
+        *args: JSON,
+        tenant: str | None = None,
+        timezone: str = "UTC",
+        misfire: Misfire = DEFAULT_MISFIRE,
+        kwargs: Mapping[str, JSON] | None = None,
+    ) -> ScheduleInfo:
+        """Create the cron schedule ``name``, or update it: each fire time enqueues one job.
+
+        Calling it again with the same name updates the schedule in place (tenant, task,
+        arguments, expression, zone, misfire policy) without losing its state or history, so
+        an application may declare its schedules at every start. The next fire time is kept
+        unless the expression or the zone changed. Jobs are of kind ``scheduled``; their
+        ``run_at`` is the fire time they stand for.
+
+        Args:
+            name: the schedule's unique name.
+            cron: five fields (minute hour day month weekday), or six with seconds first
+                (``"*/5 * * * * *"``: every five seconds).
+            task: the task object or its registered name.
+            args: positional arguments for every job (JSON values).
+            tenant: whose jobs they are (default ``"default"``).
+            timezone: the IANA zone the expression reads its wall clock in.
+            misfire: what happens to fire times missed while no process ran the schedule
+                (it was down, say): ``"run_once"`` (the default) enqueues one catch-up job,
+                ``"run_all"`` one job per missed time (at most 100), ``"skip"`` none, except
+                for a time less than a minute late.
+            kwargs: keyword arguments for every job (JSON values).
+
+        Raises:
+            InvalidArguments: the expression, zone, policy, name or arguments are not valid.
+            UnknownTask: the task is not registered with this queue.
+        """
+        self._check_open()
+        if not _is_text(name, 256):
+            raise InvalidArguments(f"a schedule name is a non-empty string (<= 256): {name!r}")
+        spec = self._resolve(task)
+        options = self._options(tenant, None, None, None, None, self._clock())
+        policy = check_misfire(misfire)
+        times = Cron(cron, timezone)
+        next_fire_time = times.next_after(self._clock())
+        if next_fire_time is None:
+            raise InvalidArguments(f"the cron expression {cron!r} never fires")
+        job = self._new_job(spec, args, kwargs or {}, options, None)
+        record = ScheduleRecord(
+            name=name, tenant=options.tenant, cron=times.expression, timezone=timezone,
+            task=spec.name, args=job.args, kwargs=job.kwargs, misfire=policy,
+            state=ScheduleState.ACTIVE, next_fire_time=next_fire_time,
+        )  # fmt: skip
+        stored = await self._store.put_schedule(record, self._clock())
+        if self._scheduler is not None:
+            self._scheduler.wake()
+        return schedule_info(stored)
+
+    async def schedules(self, *, tenant: str | None = None) -> list[ScheduleInfo]:
+        """Every schedule (of ``tenant``, if given), by name."""
+        self._check_open()
+        return [schedule_info(record) for record in await self._store.list_schedules(tenant)]
+
+    async def get_schedule(self, name: str) -> ScheduleInfo:
+        """The schedule named ``name``.
+
+        Raises:
+            ScheduleNotFound: there is none.
+        """
+        self._check_open()
+        return schedule_info(await self._stored_schedule(name))
+
+    async def pause_schedule(self, name: str) -> ScheduleInfo:
+        """Stop a schedule from firing until :meth:`resume_schedule`.
+
+        Raises:
+            ScheduleNotFound: there is no schedule of that name.
+        """
+        return await self._set_schedule_state(name, ScheduleState.PAUSED)
+
+    async def resume_schedule(self, name: str) -> ScheduleInfo:
+        """Let a paused schedule fire again, from its next fire time after now: the times it
+        missed while paused are not caught up.
+
+        Raises:
+            ScheduleNotFound: there is no schedule of that name.
+        """
+        return await self._set_schedule_state(name, ScheduleState.ACTIVE)
+
+    async def unschedule(self, name: str) -> bool:
+        """Delete a schedule (its jobs stay); return whether it existed."""
+        self._check_open()
+        return await self._store.delete_schedule(name)
+
+    async def _stored_schedule(self, name: str) -> ScheduleRecord:
+        record = await self._store.get_schedule(name)
+        if record is None:
+            raise ScheduleNotFound(name)
+        return record
+
+    async def _set_schedule_state(self, name: str, state: ScheduleState) -> ScheduleInfo:
+        self._check_open()
+        while True:
+            record = await self._stored_schedule(name)
+            if record.state == state:
+                return schedule_info(record)
+            next_fire_time = record.next_fire_time
+            if state is ScheduleState.ACTIVE:
+                next_fire_time = Cron(record.cron, record.timezone).next_after(self._clock())
+            stored = await self._store.set_schedule_state(
+                name, record.revision, state, next_fire_time
+            )
+            if stored is not None:
+                if self._scheduler is not None:
+                    self._scheduler.wake()
+                return schedule_info(stored)
+
+    def _schedule_fired(self, jobs: list[NewJob]) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.notify({job.tenant for job in jobs})
 
 
 def _check_count(name: str, value: object, low: int, high: int | None = None) -> None:

@@ -208,6 +208,51 @@ class Store(Protocol):
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs that finished before the time; return how many."""
 
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        """Insert a schedule, or update the one with its name; return it as stored.
+
+        An update takes the new tenant, task, arguments, expression, zone and misfire policy,
+        and keeps the state and history (previous fire time, times triggered, last job). It
+        keeps ``next_fire_time`` too unless the expression or the zone changed. Every change
+        bumps ``revision``.
+        """
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        """The schedule with this name, if any."""
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        """Every schedule (of ``tenant``, if given), by name."""
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        """Active schedules of ``tasks`` whose ``next_fire_time`` is at or before ``now``, and
+        the earliest ``next_fire_time`` after ``now`` of the other active ones."""
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        """Advance an active schedule and insert its jobs, in one transaction.
+
+        Does nothing and returns False unless the schedule is active and still at
+        ``revision`` (another process fired or changed it first).
+        """
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        """Pause or resume a schedule that is still at ``revision``; None if it is not."""
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Remove a schedule; return whether it existed. Its jobs stay."""
+
 
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Validate outcomes before any is written; keep the first one of each job.
@@ -305,3 +350,36 @@ def job_info(
         progress=None if progress is None else loads(progress),
         abort_requested=bool(abort_requested),
     )
+
+
+class ScheduleRecord(NamedTuple):
+    """A stored cron schedule, serialized."""
+
+    name: str
+    tenant: str
+    cron: str
+    timezone: str
+    task: str
+    args: str
+    """JSON list."""
+    kwargs: str
+    """JSON object."""
+    misfire: str
+    state: str
+    """``"active"`` or ``"paused"``."""
+    next_fire_time: float | None
+    previous_fire_time: float | None = None
+    times_triggered: int = 0
+    last_job_id: JobId | None = None
+    revision: int = 0
+    """Bumped by every change, so that a firing can tell it read the latest version."""
+    created_at: float = 0.0
+
+
+class ScheduleFiring(NamedTuple):
+    """How one firing advances a schedule (the job count comes from the jobs inserted)."""
+
+    next_fire_time: float | None
+    previous_fire_time: float | None
+    """The latest fire time that got a job; None if the firing enqueued nothing."""
+    last_job_id: JobId | None

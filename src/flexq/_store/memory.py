@@ -21,6 +21,8 @@ from flexq._store.base import (
     NewJob,
     Outcome,
     Recovered,
+    ScheduleFiring,
+    ScheduleRecord,
     checked_outcomes,
     job_info,
     lease_error,
@@ -79,6 +81,7 @@ class MemoryStore:
         self._scheduled: list[tuple[float, int, JobId]] = []
         self._keys: dict[tuple[str, str], JobId] = {}
         self._pauses: dict[tuple[PauseScope, str], float] = {}
+        self._schedules: dict[str, ScheduleRecord] = {}
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -390,6 +393,97 @@ class MemoryStore:
             if _matches(row, where):
                 counts[row.state] = counts.get(row.state, 0) + 1
         return counts
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        await anyio.lowlevel.checkpoint()
+        old = self._schedules.get(schedule.name)
+        if old is None:
+            stored = schedule._replace(revision=1, created_at=now)
+        else:
+            same_times = (old.cron, old.timezone) == (schedule.cron, schedule.timezone)
+            stored = schedule._replace(
+                state=old.state,
+                next_fire_time=old.next_fire_time if same_times else schedule.next_fire_time,
+                previous_fire_time=old.previous_fire_time,
+                times_triggered=old.times_triggered,
+                last_job_id=old.last_job_id,
+                revision=old.revision + 1,
+                created_at=old.created_at,
+            )
+        self._schedules[schedule.name] = stored
+        return stored
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        await anyio.lowlevel.checkpoint()
+        return self._schedules.get(name)
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        await anyio.lowlevel.checkpoint()
+        return [
+            record
+            for _, record in sorted(self._schedules.items())
+            if tenant is None or record.tenant == tenant
+        ]
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        await anyio.lowlevel.checkpoint()
+        due: list[ScheduleRecord] = []
+        later: float | None = None
+        for record in self._schedules.values():
+            moment = record.next_fire_time
+            if record.state != "active" or moment is None:
+                continue
+            if moment <= now:
+                if record.task in tasks:
+                    due.append(record)
+            elif later is None or moment < later:
+                later = moment
+        due.sort(key=lambda record: (record.next_fire_time, record.name))
+        return due, later
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        record = self._schedules.get(name)
+        if record is None or record.revision != revision or record.state != "active":
+            return False
+        self._schedules[name] = record._replace(
+            next_fire_time=firing.next_fire_time,
+            previous_fire_time=record.previous_fire_time
+            if firing.previous_fire_time is None
+            else firing.previous_fire_time,
+            times_triggered=record.times_triggered + len(jobs),
+            last_job_id=record.last_job_id if firing.last_job_id is None else firing.last_job_id,
+            revision=revision + 1,
+        )
+        if jobs:
+            self._enqueue_unit(EnqueueUnit(jobs, "raise"), now)
+        return True
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        await anyio.lowlevel.checkpoint()
+        record = self._schedules.get(name)
+        if record is None or record.revision != revision:
+            return None
+        stored = record._replace(state=state, next_fire_time=next_fire_time, revision=revision + 1)
+        self._schedules[name] = stored
+        return stored
+
+    async def delete_schedule(self, name: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return self._schedules.pop(name, None) is not None
 
 
 def _claimed(row: _Row) -> ClaimedJob:

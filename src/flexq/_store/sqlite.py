@@ -27,6 +27,8 @@ from flexq._store.base import (
     NewJob,
     Outcome,
     Recovered,
+    ScheduleFiring,
+    ScheduleRecord,
     checked_outcomes,
     job_info,
     lease_error,
@@ -96,6 +98,26 @@ CREATE TABLE IF NOT EXISTS flexq_pauses (
     since REAL NOT NULL,
     PRIMARY KEY (scope, name)
 );
+CREATE TABLE IF NOT EXISTS flexq_schedules (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    cron TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    task TEXT NOT NULL,
+    args TEXT NOT NULL,
+    kwargs TEXT NOT NULL,
+    misfire TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_fire_time REAL,
+    previous_fire_time REAL,
+    times_triggered INTEGER NOT NULL DEFAULT 0,
+    last_job_id TEXT,
+    revision INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flexq_schedules_due
+    ON flexq_schedules (next_fire_time) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS flexq_schedules_tenant ON flexq_schedules (tenant, name);
 """
 
 _INFO_COLUMNS = (
@@ -667,6 +689,131 @@ class SQLiteStore:
             params,
         )
         return {State(state): count for state, count in rows}
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        return await self._run(self._put_schedule, schedule, now)
+
+    def _put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        values = (
+            schedule.name, schedule.tenant, schedule.cron, schedule.timezone, schedule.task,
+            schedule.args, schedule.kwargs, schedule.misfire, schedule.state,
+            schedule.next_fire_time, now,
+        )  # fmt: skip
+        with self._transaction() as db:
+            row = db.execute(
+                f"INSERT INTO flexq_schedules ({_SCHEDULE_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, NULL, 1, ?)"
+                " ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant,"
+                " task = excluded.task, args = excluded.args, kwargs = excluded.kwargs,"
+                " misfire = excluded.misfire, next_fire_time = CASE"
+                "  WHEN cron = excluded.cron AND timezone = excluded.timezone"
+                "  THEN next_fire_time ELSE excluded.next_fire_time END,"
+                " cron = excluded.cron, timezone = excluded.timezone, revision = revision + 1"
+                f" RETURNING {_SCHEDULE_COLUMNS}",
+                values,
+            ).fetchone()
+        return ScheduleRecord(*row)
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        rows = await self._run(
+            self._select, f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules WHERE name = ?", (name,)
+        )
+        return ScheduleRecord(*rows[0]) if rows else None
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        sql = f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules"
+        params: tuple[str, ...] = ()
+        if tenant is not None:
+            sql, params = sql + " WHERE tenant = ?", (tenant,)
+        sql += " ORDER BY name"
+        return [ScheduleRecord(*row) for row in await self._run(self._select, sql, params)]
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        return await self._run(self._due_schedules, sorted(tasks), now)
+
+    def _due_schedules(
+        self, tasks: list[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        db = self._db
+        due = [
+            ScheduleRecord(*row)
+            for row in db.execute(
+                f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules INDEXED BY flexq_schedules_due"
+                " WHERE state = 'active' AND next_fire_time <= ? ORDER BY next_fire_time, name",
+                (now,),
+            )
+            if row[4] in tasks
+        ]
+        (later,) = db.execute(
+            "SELECT MIN(next_fire_time) FROM flexq_schedules INDEXED BY flexq_schedules_due"
+            " WHERE state = 'active' AND next_fire_time > ?",
+            (now,),
+        ).fetchone()
+        return due, later
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        return await self._run(self._fire_schedule, name, revision, firing, list(jobs), now)
+
+    def _fire_schedule(
+        self, name: str, revision: int, firing: ScheduleFiring, jobs: list[NewJob], now: float
+    ) -> bool:
+        values = (
+            firing.next_fire_time, firing.previous_fire_time, len(jobs), firing.last_job_id,
+            name, revision,
+        )  # fmt: skip
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE flexq_schedules SET next_fire_time = ?,"
+                " previous_fire_time = COALESCE(?, previous_fire_time),"
+                " times_triggered = times_triggered + ?,"
+                " last_job_id = COALESCE(?, last_job_id), revision = revision + 1"
+                " WHERE name = ? AND revision = ? AND state = 'active'",
+                values,
+            )
+            if cursor.rowcount == 0:
+                return False
+            _insert_all(db, [_insert_row(job, now) for job in jobs])
+        return True
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        return await self._run(self._set_schedule_state, name, revision, state, next_fire_time)
+
+    def _set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE flexq_schedules SET state = ?, next_fire_time = ?, revision = revision + 1"
+                f" WHERE name = ? AND revision = ? RETURNING {_SCHEDULE_COLUMNS}",
+                (state, next_fire_time, name, revision),
+            ).fetchone()
+        return None if row is None else ScheduleRecord(*row)
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self._run(self._delete_schedule, name)
+
+    def _delete_schedule(self, name: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM flexq_schedules WHERE name = ?", (name,)).rowcount > 0
+
+
+_SCHEDULE_COLUMNS = (
+    "name, tenant, cron, timezone, task, args, kwargs, misfire, state, next_fire_time,"
+    " previous_fire_time, times_triggered, last_job_id, revision, created_at"
+)
 
 
 def _insert_row(job: NewJob, now: float) -> tuple[Any, ...]:

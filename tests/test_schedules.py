@@ -1,0 +1,328 @@
+"""Cron schedules: fire times across DST, misfire policies, control, and firing once per time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import pytest
+
+import flexq
+from flexq._schedules import Cron
+from flexq._store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+    from flexq.abc import Store
+
+MADRID = ZoneInfo("Europe/Madrid")
+START = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
+
+
+class Clock:
+    """A clock that tests move by hand."""
+
+    def __init__(self, start: datetime = START) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta).total_seconds()
+
+
+def fire_times(expression: str, timezone: str, start: datetime, count: int) -> list[datetime]:
+    """The next ``count`` fire times after ``start``, in the schedule's zone."""
+    cron, zone = Cron(expression, timezone), ZoneInfo(timezone)
+    moment, times = start.timestamp(), []
+    for _ in range(count):
+        found = cron.next_after(moment)
+        assert found is not None
+        times.append(datetime.fromtimestamp(found, zone))
+        moment = found
+    return times
+
+
+def local(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, *, fold: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=MADRID, fold=fold)
+
+
+def test_a_skipped_wall_time_fires_once_at_the_end_of_the_gap() -> None:
+    """On a spring-forward day (02:00 -> 03:00) a 02:30 job runs once, at 03:00."""
+    times = fire_times("30 2 * * *", "Europe/Madrid", local(2026, 3, 28, 12), 3)
+    assert times == [local(2026, 3, 29, 3, 0), local(2026, 3, 30, 2, 30), local(2026, 3, 31, 2, 30)]
+
+
+def test_a_repeated_wall_time_fires_once() -> None:
+    """On a fall-back day (03:00 -> 02:00) a 02:30 job runs once, at the first 02:30."""
+    times = fire_times("30 2 * * *", "Europe/Madrid", local(2026, 10, 24, 12), 2)
+    assert times == [local(2026, 10, 25, 2, 30, fold=0), local(2026, 10, 26, 2, 30)]
+    assert times[1].timestamp() - times[0].timestamp() == 25 * 3600
+
+
+def test_an_every_hour_expression_follows_real_time_across_dst() -> None:
+    """An hourly job runs in both passes of a repeated hour and not in a skipped one."""
+    autumn = fire_times("30 * * * *", "Europe/Madrid", local(2026, 10, 25, 1, 0), 3)
+    assert [t.astimezone(UTC).hour for t in autumn] == [23, 0, 1]  # 01:30, 02:30, 02:30 again
+    assert autumn[2] == local(2026, 10, 25, 2, 30, fold=1)
+    spring = fire_times("30 * * * *", "Europe/Madrid", local(2026, 3, 29, 1, 0), 2)
+    assert spring == [local(2026, 3, 29, 1, 30), local(2026, 3, 29, 3, 30)]
+
+
+def test_six_fields_put_seconds_first() -> None:
+    """A sixth field makes the first one seconds."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    times = fire_times("*/20 * * * * *", "UTC", start, 3)
+    assert [t - start for t in times] == [timedelta(seconds=s) for s in (20, 40, 60)]
+
+
+def test_an_impossible_date_has_no_fire_time() -> None:
+    """February 30 never comes."""
+    assert Cron("0 0 30 2 *", "UTC").next_after(START.timestamp()) is None
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``check`` until it holds (the firing loop runs on its own)."""
+    with anyio.fail_after(timeout):
+        # The firing loop is another task writing to the store: there is no event to wait on.
+        while not await check():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def scheduled_jobs(queue: flexq.Queue) -> list[flexq.JobInfo]:
+    return list((await queue.jobs(kind="scheduled", limit=1000)).items)
+
+
+async def advance_and_settle(queue: flexq.Queue, clock: Clock, name: str, **delta: float) -> None:
+    """Move the clock on and wait until the firing loop has dealt with the schedule."""
+    clock.advance(**delta)
+
+    async def settled() -> bool:
+        info = await queue.get_schedule(name)
+        return info.next_fire_time is None or info.next_fire_time.timestamp() > clock.now
+
+    await wait_until(settled)
+
+
+def hourly_queue(url: str | Store, clock: Clock) -> tuple[flexq.Queue, Any]:
+    queue = flexq.Queue(url, workers=4, poll_interval=0.05, max_loop_lag=None, clock=clock)
+
+    @queue.task(name="report")
+    async def report(region: str) -> str:
+        return region
+
+    return queue, report
+
+
+async def test_a_schedule_enqueues_one_scheduled_job_per_fire_time(queue_url: str) -> None:
+    """At its fire time the schedule enqueues a job of kind scheduled, which runs."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        info = await queue.schedule("hourly", "0 * * * *", report, "eu", tenant="acme")
+        assert info.next_fire_time == datetime(2026, 1, 1, 1, tzinfo=UTC)
+        assert (info.state, info.times_triggered, info.last_job_id) == ("active", 0, None)
+        await advance_and_settle(queue, clock, "hourly", minutes=30, seconds=1)
+        (job,) = await scheduled_jobs(queue)
+        done = await queue.wait(job.id, timeout=10)
+        info = await queue.get_schedule("hourly")
+    assert (done.state, done.result, done.tenant, done.kind) == (
+        "COMPLETED",
+        "eu",
+        "acme",
+        "scheduled",
+    )
+    assert done.run_at == datetime(2026, 1, 1, 1, tzinfo=UTC)
+    assert (info.times_triggered, info.last_job_id) == (1, job.id)
+    assert info.previous_fire_time == datetime(2026, 1, 1, 1, tzinfo=UTC)
+    assert info.next_fire_time == datetime(2026, 1, 1, 2, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("misfire", "run_ats"),
+    [
+        ("run_all", [1, 2, 3, 4, 5]),
+        ("run_once", [1]),
+        ("skip", []),
+    ],
+)
+async def test_misfire_policies_after_downtime(
+    queue_url: str, misfire: str, run_ats: list[int]
+) -> None:
+    """Five fire times missed: run_all catches up each, run_once one, skip none."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu", misfire=misfire)  # type: ignore[arg-type]
+        await advance_and_settle(queue, clock, "hourly", hours=5)
+        jobs = await scheduled_jobs(queue)
+        info = await queue.get_schedule("hourly")
+    assert sorted(job.run_at.hour for job in jobs) == run_ats
+    assert info.times_triggered == len(run_ats)
+    assert info.next_fire_time == datetime(2026, 1, 1, 6, tzinfo=UTC)
+
+
+async def test_skip_still_runs_a_fire_time_that_is_only_a_little_late(queue_url: str) -> None:
+    """Under skip, a fire time less than a minute late is on time, not missed."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu", misfire="skip")
+        await advance_and_settle(queue, clock, "hourly", minutes=30, seconds=30)
+        jobs = await scheduled_jobs(queue)
+    assert [job.run_at.hour for job in jobs] == [1]
+
+
+async def test_run_all_is_bounded(queue_url: str) -> None:
+    """A long outage enqueues at most 100 catch-up jobs."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu", misfire="run_all")
+        await queue.pause(task=report)
+        await advance_and_settle(queue, clock, "hourly", days=30)
+        counts = await queue.counts(kind="scheduled")
+    assert sum(counts.values()) == 100
+
+
+async def test_pause_and_resume(queue_url: str) -> None:
+    """A paused schedule does not fire; resumed, it fires from its next time, no catch-up."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu", misfire="run_all")
+        paused = await queue.pause_schedule("hourly")
+        assert paused.state is flexq.ScheduleState.PAUSED
+        clock.advance(hours=3)
+        resumed = await queue.resume_schedule("hourly")
+        assert resumed.state is flexq.ScheduleState.ACTIVE
+        assert resumed.next_fire_time == datetime(2026, 1, 1, 4, tzinfo=UTC)
+        assert await scheduled_jobs(queue) == []
+        await advance_and_settle(queue, clock, "hourly", hours=1)
+        jobs = await scheduled_jobs(queue)
+    assert [job.run_at.hour for job in jobs] == [4]
+
+
+async def test_schedule_again_updates_in_place(queue_url: str) -> None:
+    """The same name updates the schedule: arguments change, the count stays one, and the
+    next fire time is kept unless the expression changes."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        first = await queue.schedule("nightly", "0 2 * * *", report, "eu", tenant="acme")
+        clock.advance(minutes=10)
+        await queue.pause_schedule("nightly")
+        second = await queue.schedule("nightly", "0 2 * * *", report, "us", tenant="acme")
+        third = await queue.schedule("nightly", "0 3 * * *", report, "us", tenant="acme")
+        listed = await queue.schedules(tenant="acme")
+        assert await queue.schedules(tenant="other") == []
+    assert second.args == ("us",)
+    assert second.next_fire_time == first.next_fire_time
+    assert second.state is flexq.ScheduleState.PAUSED
+    assert third.next_fire_time == datetime(2026, 1, 1, 3, tzinfo=UTC)
+    assert listed == [third]
+
+
+async def test_timezones_and_dst_through_the_queue(queue_url: str) -> None:
+    """A Madrid schedule fires at Madrid's 02:30, and once at 03:00 on spring-forward day."""
+    clock = Clock(datetime(2026, 3, 28, 12, tzinfo=MADRID))
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        info = await queue.schedule(
+            "madrid", "30 2 * * *", report, "eu", timezone="Europe/Madrid", misfire="run_all"
+        )
+        assert info.next_fire_time == datetime(2026, 3, 29, 3, 0, tzinfo=MADRID)
+        assert info.next_fire_time.tzinfo == MADRID
+        await advance_and_settle(queue, clock, "madrid", days=2)
+        jobs = await scheduled_jobs(queue)
+    assert sorted(job.run_at for job in jobs) == [
+        datetime(2026, 3, 29, 3, 0, tzinfo=MADRID),
+        datetime(2026, 3, 30, 2, 30, tzinfo=MADRID),
+    ]
+
+
+async def test_a_restarted_queue_picks_up_its_schedules(tmp_path: Path) -> None:
+    """Schedules outlive the process: a new queue on the same store fires the missed time."""
+    clock = Clock()
+    for url in (f"sqlite:///{tmp_path / 'flexq.db'}", MemoryStore()):
+        writer, report = hourly_queue(url, clock)
+        await writer.open()
+        await writer.schedule("hourly", "0 * * * *", report, "eu")
+        await writer.close()
+        clock.advance(hours=1)
+        reader, _ = hourly_queue(url, clock)
+        async with reader:
+            await advance_and_settle(reader, clock, "hourly", seconds=0)
+            jobs = await scheduled_jobs(reader)
+        assert [job.run_at for job in jobs] == [datetime(2026, 1, 1, 1, tzinfo=UTC)]
+        clock.now = START.timestamp()
+
+
+async def test_two_queues_on_one_sqlite_file_fire_each_time_once(sqlite_url: str) -> None:
+    """Two processes' firing loops race for every fire time; each time gets one job."""
+    clock = Clock()
+    first, report = hourly_queue(sqlite_url, clock)
+    second, _ = hourly_queue(sqlite_url, clock)
+    async with first, second:
+        await first.schedule("every-minute", "* * * * *", report, "eu", misfire="run_all")
+        for _ in range(20):
+            clock.advance(minutes=1)
+            await anyio.sleep(0.02)
+        await advance_and_settle(first, clock, "every-minute", seconds=0)
+        jobs = await scheduled_jobs(first)
+        info = await second.get_schedule("every-minute")
+    run_ats = [job.run_at for job in jobs]
+    assert len(run_ats) == len(set(run_ats)) == 20
+    assert info.times_triggered == 20
+
+
+async def test_bad_schedules_are_rejected_with_nothing_written(queue_url: str) -> None:
+    """Invalid expressions, zones, policies, names and arguments raise at the call."""
+    queue, report = hourly_queue(queue_url, Clock())
+
+    @queue.task
+    async def nothing() -> None:
+        pass
+
+    async with queue:
+        bad_calls: list[Callable[[], Awaitable[flexq.ScheduleInfo]]] = [
+            lambda: queue.schedule("s", "61 * * * *", report, "eu"),
+            lambda: queue.schedule("s", "* * * *", report, "eu"),
+            lambda: queue.schedule("s", "0 0 * * * * 2026", report, "eu"),
+            lambda: queue.schedule("s", "0 0 30 2 *", report, "eu"),
+            lambda: queue.schedule("s", "0 * * * *", report, "eu", timezone="Mars/Olympus"),
+            lambda: queue.schedule("s", "0 * * * *", report, "eu", timezone=""),
+            lambda: queue.schedule("s", "0 * * * *", report, "eu", misfire="twice"),  # type: ignore[arg-type]
+            lambda: queue.schedule("", "0 * * * *", report, "eu"),
+            lambda: queue.schedule("s", "0 * * * *", report),
+            lambda: queue.schedule("s", "0 * * * *", report, {1, 2}),
+            lambda: queue.schedule("s", "0 * * * *", nothing, tenant=""),
+        ]
+        for call in bad_calls:
+            with pytest.raises(flexq.InvalidArguments):
+                await call()
+        with pytest.raises(flexq.UnknownTask):
+            await queue.schedule("s", "0 * * * *", "unregistered")
+        with pytest.raises(flexq.ScheduleNotFound):
+            await queue.pause_schedule("s")
+        with pytest.raises(flexq.ScheduleNotFound):
+            await queue.get_schedule("s")
+        assert await queue.schedules() == []
+
+
+async def test_unschedule_removes_the_schedule(queue_url: str) -> None:
+    """An unscheduled name is gone and fires no more."""
+    clock = Clock()
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu")
+        assert await queue.unschedule("hourly")
+        assert not await queue.unschedule("hourly")
+        assert await queue.schedules() == []
