@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from flexq._errors import JobNotFound
 from flexq._serialize import dumps
 
 if TYPE_CHECKING:
@@ -106,6 +107,18 @@ class Context:
         )
         self.children_enqueued += 1
         return job_id
+
+    async def previous_result(self) -> JSON:
+        """The result of the job's parent: in a chain (:meth:`Queue.enqueue_chain`), the
+        step before this one. None if the job has no parent, or the parent kept no result
+        (a future, a handler that returned None, or a parent pruned after retention)."""
+        if self.parent_id is None:
+            return None
+        try:
+            parent = await self._queue._store.get(self.parent_id)
+        except JobNotFound:
+            return None
+        return parent.result
 
     async def set_progress(self, progress: JSON) -> None:
         """Record how far the job got (any JSON value); visible as ``JobInfo.progress``."""

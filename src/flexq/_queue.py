@@ -40,6 +40,7 @@ from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, sc
 from flexq._serialize import dumps
 from flexq._states import Kind, State
 from flexq._store.base import (
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
     from flexq._models import JSON, JobId
     from flexq._schedules import Misfire
-    from flexq._store.base import Outcome
+    from flexq._store.base import OnParentFailure, Outcome
 
 R = TypeVar("R")
 R2 = TypeVar("R2")
@@ -184,6 +185,9 @@ class Queue:
         self._monitor: LoadMonitor | None = None
         self._upkeep: Upkeep | None = None
         self._scheduler: Scheduler | None = None
+        self._dependants = False
+        """Whether this process enqueued jobs that wait for others: then a job that ends may
+        release some, and the dispatcher looks for them at once."""
 
     def __repr__(self) -> str:
         return f"<flexq.Queue {self._store!r} workers={self.workers}>"
@@ -372,6 +376,8 @@ class Queue:
         for outcome in outcomes:
             if outcome.state.is_final:
                 self._job_finished(outcome.job_id)
+                if self._dependants and self._dispatcher is not None:
+                    self._dispatcher.poll_now()
             elif outcome.release or self._dispatcher is None:
                 continue
             elif outcome.state is State.SCHEDULED:
@@ -408,6 +414,8 @@ class Queue:
         key: str | None = None,
         on_duplicate: OnDuplicate = "raise",
         kwargs: Mapping[str, JSON] | None = None,
+        depends_on: Sequence[JobId] | None = None,
+        on_parent_failure: OnParentFailure = "abort",
     ) -> JobId:
         """Store a job durably and return its id; a worker runs it when its turn comes.
 
@@ -422,6 +430,12 @@ class Queue:
                 enqueue raises :class:`DuplicateJob` (or returns its id if ``on_duplicate`` is
                 ``"return"``).
             kwargs: keyword arguments for the handler (JSON values).
+            depends_on: ids of jobs (its parents) that must all be COMPLETED before this one
+                may run; until then it is WAITING. It becomes QUEUED (or SCHEDULED until
+                ``run_at``/``delay``) in the transaction that completes its last parent.
+            on_parent_failure: what a parent that ends FAILED or ABORTED does to this job:
+                ``"abort"`` (the default) aborts it, with an error naming the parent;
+                ``"run"`` lets it run once its other parents are done.
 
         Raises:
             UnknownTask: the task is not registered with this queue.
@@ -429,10 +443,22 @@ class Queue:
                 matching the handler's signature...).
             DuplicateJob: ``key`` is taken by an unfinished job and ``on_duplicate`` is
                 ``"raise"``.
+            JobNotFound: a job in ``depends_on`` does not exist.
             QueueClosed: the queue is not open.
 
         Nothing is written when it raises.
         """
+        if depends_on is not None:
+            self._check_open()
+            if key is not None:
+                raise InvalidArguments("a job with depends_on cannot have a key")
+            options = self._options(tenant, priority, delay, run_at, None, self._clock())
+            job = self._new_job(self._resolve(task), args, kwargs or {}, options, None)
+            parents = _parent_ids(depends_on)
+            (job_id,) = await self._submit_dependent(
+                [DependentJob(job, parents, _check_on_parent_failure(on_parent_failure))]
+            )
+            return job_id
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
             key=key, on_duplicate=on_duplicate, parent_id=None,
@@ -870,6 +896,73 @@ class Queue:
         if self._dispatcher is not None:
             self._dispatcher.notify({job.tenant for job in jobs})
 
+    # -- chains and dependencies ------------------------------------------------------------
+
+    async def enqueue_chain(
+        self,
+        calls: Sequence[Call],
+        *,
+        tenant: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+    ) -> list[JobId]:
+        """Enqueue calls that run one after another, each once the one before COMPLETED.
+
+        Each step is a child of the step before (``parent_id``), waits for it (WAITING), and
+        can read its result with :meth:`Context.previous_result`. If a step ends FAILED or
+        ABORTED, the steps after it end ABORTED. All steps are written in one transaction.
+        Options given here apply to every step unless a call sets its own with
+        :meth:`Call.with_options` (``delay``/``run_at`` hold a step back after its turn
+        comes; keys are not allowed). Returns the ids in order.
+        """
+        self._check_open()
+        now = self._clock()
+        shared = self._options(tenant, priority, delay, run_at, None, now)
+        steps: list[DependentJob] = []
+        for call in calls:
+            if not isinstance(call, Call):
+                raise InvalidArguments(f"enqueue_chain takes flexq.Call objects, not {call!r}")
+            options = shared
+            if call.options:
+                if "key" in call.options:
+                    raise InvalidArguments("the steps of a chain cannot have keys")
+                merged = {"tenant": tenant, "priority": priority, "delay": delay,
+                          "run_at": run_at, "key": None, **call.options}  # fmt: skip
+                options = self._options(now=now, **merged)
+            parent = steps[-1].job.id if steps else None
+            job = self._new_job(self._resolve(call.task), call.args, call.kwargs, options, parent)
+            steps.append(DependentJob(job, () if parent is None else (parent,)))
+        if not steps:
+            return []
+        return await self._submit_dependent(steps)
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        """The job's whole chain: its ancestors and descendants by ``parent_id`` (children
+        enqueued through :meth:`Context.enqueue`, steps of :meth:`enqueue_chain`), oldest first.
+
+        Raises:
+            JobNotFound: no job has this id.
+        """
+        self._check_open()
+        return await self._store.chain(job_id)
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        """The parents a WAITING job still waits for (empty once it is released).
+
+        Raises:
+            JobNotFound: no job has this id.
+        """
+        self._check_open()
+        return await self._store.waiting_for(job_id)
+
+    async def _submit_dependent(self, jobs: list[DependentJob]) -> list[JobId]:
+        self._dependants = True
+        ids = await self._store.enqueue_dependent(jobs, self._clock())
+        if self._dispatcher is not None:
+            self._dispatcher.notify({dependent.job.tenant for dependent in jobs})
+        return ids
+
 
 def _check_count(name: str, value: object, low: int, high: int | None = None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -893,6 +986,23 @@ def _is_text(value: object, max_length: int) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _parent_ids(depends_on: Sequence[JobId]) -> tuple[JobId, ...]:
+    if isinstance(depends_on, str):
+        raise InvalidArguments("depends_on is a list of job ids, not one id")
+    parents = tuple(dict.fromkeys(depends_on))
+    if not all(isinstance(parent, str) for parent in parents):
+        raise InvalidArguments(f"depends_on must hold job ids (strings): {depends_on!r}")
+    return parents
+
+
+def _check_on_parent_failure(policy: object) -> OnParentFailure:
+    if policy == "abort":
+        return "abort"
+    if policy == "run":
+        return "run"
+    raise InvalidArguments(f"on_parent_failure must be 'abort' or 'run', not {policy!r}")
 
 
 def _check_on_duplicate(on_duplicate: object) -> None:

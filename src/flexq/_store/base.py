@@ -253,6 +253,31 @@ class Store(Protocol):
     async def delete_schedule(self, name: str) -> bool:
         """Remove a schedule; return whether it existed. Its jobs stay."""
 
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        """Insert jobs that wait for parents, all in one transaction, or none.
+
+        A parent is an existing job or one earlier in ``jobs``. A job whose parents have all
+        COMPLETED enters QUEUED (or SCHEDULED); one with a parent not final enters WAITING; one
+        with a FAILED or ABORTED parent ends ABORTED at once, unless its ``on_parent_failure``
+        is ``"run"``. Raises JobNotFound (naming the parent) for an unknown parent.
+
+        Whenever a job reaches a final state, the same transaction releases its dependants:
+        a dependant whose last unfinished parent COMPLETED becomes QUEUED (or SCHEDULED), and
+        one whose parent ended FAILED or ABORTED ends ABORTED with an error naming that parent
+        (and so on down its own dependants), unless its ``on_parent_failure`` is ``"run"``.
+        """
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        """The parents a WAITING job still waits for."""
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        """The job, its ancestors and its descendants by ``parent_id``, in creation order.
+
+        Raises JobNotFound.
+        """
+
 
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Validate outcomes before any is written; keep the first one of each job.
@@ -383,3 +408,25 @@ class ScheduleFiring(NamedTuple):
     previous_fire_time: float | None
     """The latest fire time that got a job; None if the firing enqueued nothing."""
     last_job_id: JobId | None
+
+
+OnParentFailure = Literal["abort", "run"]
+
+
+class DependentJob(NamedTuple):
+    """A job to insert that waits for other jobs (its parents) to complete."""
+
+    job: NewJob
+    parents: tuple[JobId, ...]
+    on_parent_failure: OnParentFailure = "abort"
+
+
+def parent_failed_error(parent_id: JobId, parent_state: State, now: float) -> dict[str, object]:
+    """The error recorded on a job aborted because a job it depends on did not complete."""
+    return error_record(
+        "flexq.ParentFailed",
+        f"job {parent_id!r}, which this job depends on, ended {parent_state}",
+        "",
+        0,
+        now,
+    )

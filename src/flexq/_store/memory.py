@@ -15,10 +15,12 @@ from flexq._serialize import dumps, loads
 from flexq._states import RUNNING_STATES, Kind, State, check_transition
 from flexq._store.base import (
     ClaimedJob,
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
     NewJob,
+    OnParentFailure,
     Outcome,
     Recovered,
     ScheduleFiring,
@@ -26,6 +28,7 @@ from flexq._store.base import (
     checked_outcomes,
     job_info,
     lease_error,
+    parent_failed_error,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +85,12 @@ class MemoryStore:
         self._keys: dict[tuple[str, str], JobId] = {}
         self._pauses: dict[tuple[PauseScope, str], float] = {}
         self._schedules: dict[str, ScheduleRecord] = {}
+        self._children: dict[JobId, dict[JobId, OnParentFailure]] = {}
+        """Parent -> its WAITING dependants and what they do if it does not complete."""
+        self._parents: dict[JobId, set[JobId]] = {}
+        """WAITING job -> the parents it still waits for."""
+        self._finished: list[tuple[JobId, State]] = []
+        self._releasing = False
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -111,6 +120,7 @@ class MemoryStore:
         row.lease_owner = None
         if row.job.key is not None and self._keys.get((row.job.tenant, row.job.key)) == row.job.id:
             del self._keys[(row.job.tenant, row.job.key)]
+        self._release_dependants(row.job.id, state, now)
 
     def _held(self, owner: str, job_id: JobId) -> _Row | None:
         row = self._rows.get(job_id)
@@ -484,6 +494,115 @@ class MemoryStore:
     async def delete_schedule(self, name: str) -> bool:
         await anyio.lowlevel.checkpoint()
         return self._schedules.pop(name, None) is not None
+
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        await anyio.lowlevel.checkpoint()
+        known = set(self._rows)
+        for dependent in jobs:
+            for parent in dependent.parents:
+                if parent not in known:
+                    raise JobNotFound(parent)
+            known.add(dependent.job.id)
+        for dependent in jobs:
+            self._insert_dependent(dependent, now)
+        return [dependent.job.id for dependent in jobs]
+
+    def _insert_dependent(self, dependent: DependentJob, now: float) -> None:
+        job = dependent.job
+        waiting: set[JobId] = set()
+        failed: _Row | None = None
+        for parent_id in dependent.parents:
+            parent = self._rows[parent_id]
+            if not parent.state.is_final:
+                waiting.add(parent_id)
+            elif parent.state is not State.COMPLETED and dependent.on_parent_failure == "abort":
+                failed = failed or parent
+        state = State.QUEUED if job.run_at <= now else State.SCHEDULED
+        if failed is not None:
+            state = State.ABORTED
+        elif waiting:
+            state = State.WAITING
+        row = _Row(seq=next(self._seq), job=job, state=state, created_at=now, run_at=job.run_at)
+        self._rows[job.id] = row
+        if failed is not None:
+            row.errors.append(parent_failed_error(failed.job.id, failed.state, now))
+            row.finished_at = now
+        elif waiting:
+            self._parents[job.id] = waiting
+            for parent_id in waiting:
+                self._children.setdefault(parent_id, {})[job.id] = dependent.on_parent_failure
+        elif state is State.QUEUED:
+            self._make_ready(row)
+        else:
+            heapq.heappush(self._scheduled, (job.run_at, row.seq, job.id))
+
+    def _release_dependants(self, job_id: JobId, state: State, now: float) -> None:
+        """Release or abort the dependants of a job that just became final."""
+        self._finished.append((job_id, state))
+        if self._releasing:  # a dependant aborted below: its own dependants wait their turn
+            return
+        self._releasing = True
+        try:
+            while self._finished:
+                parent_id, parent_state = self._finished.pop()
+                self._parents.pop(parent_id, None)
+                for child_id, policy in self._children.pop(parent_id, {}).items():
+                    self._release_child(child_id, parent_id, parent_state, policy, now)
+        finally:
+            self._releasing = False
+
+    def _release_child(
+        self,
+        child_id: JobId,
+        parent_id: JobId,
+        parent_state: State,
+        policy: OnParentFailure,
+        now: float,
+    ) -> None:
+        row = self._rows.get(child_id)
+        waiting = self._parents.get(child_id)
+        if row is None or row.state is not State.WAITING or waiting is None:
+            return
+        waiting.discard(parent_id)
+        if parent_state is not State.COMPLETED and policy == "abort":
+            for other in waiting:
+                self._children.get(other, {}).pop(child_id, None)
+            row.errors.append(parent_failed_error(parent_id, parent_state, now))
+            self._finish(row, State.ABORTED, now)
+        elif not waiting:
+            del self._parents[child_id]
+            target = State.QUEUED if row.run_at <= now else State.SCHEDULED
+            self._set_waiting(row, target, row.run_at)
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        await anyio.lowlevel.checkpoint()
+        if job_id not in self._rows:
+            raise JobNotFound(job_id)
+        return sorted(self._parents.get(job_id, ()))
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        await anyio.lowlevel.checkpoint()
+        row = self._rows.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        found = {job_id: row}
+        parent = self._rows.get(row.job.parent_id) if row.job.parent_id else None
+        while parent is not None and parent.job.id not in found:
+            found[parent.job.id] = parent
+            parent = self._rows.get(parent.job.parent_id) if parent.job.parent_id else None
+        children: dict[JobId, list[_Row]] = {}
+        for other in self._rows.values():
+            if other.job.parent_id is not None:
+                children.setdefault(other.job.parent_id, []).append(other)
+        todo = [job_id]
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child.job.id not in found:
+                    found[child.job.id] = child
+                    todo.append(child.job.id)
+        return [r.info() for r in sorted(found.values(), key=lambda r: r.seq)]
 
 
 def _claimed(row: _Row) -> ClaimedJob:

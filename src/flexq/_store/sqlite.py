@@ -21,6 +21,7 @@ from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_trans
 from flexq._store._thread import DatabaseThread
 from flexq._store.base import (
     ClaimedJob,
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
@@ -32,6 +33,7 @@ from flexq._store.base import (
     checked_outcomes,
     job_info,
     lease_error,
+    parent_failed_error,
 )
 
 if TYPE_CHECKING:
@@ -118,6 +120,13 @@ CREATE TABLE IF NOT EXISTS flexq_schedules (
 CREATE INDEX IF NOT EXISTS flexq_schedules_due
     ON flexq_schedules (next_fire_time) WHERE state = 'active';
 CREATE INDEX IF NOT EXISTS flexq_schedules_tenant ON flexq_schedules (tenant, name);
+CREATE TABLE IF NOT EXISTS flexq_dependencies (
+    parent_id TEXT NOT NULL,
+    child_id TEXT NOT NULL,
+    on_parent_failure TEXT NOT NULL,
+    PRIMARY KEY (parent_id, child_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flexq_dependencies_child ON flexq_dependencies (child_id);
 """
 
 _INFO_COLUMNS = (
@@ -507,6 +516,8 @@ class SQLiteStore:
                     statement = _update_from_values(update, len(chunk))
                     values = [v for row in chunk for v in row]
                     written.extend(row[0] for row in db.execute(statement, [*values, owner]))
+            if written and _has_dependencies(db):
+                _release_dependants(db, _final_states(db, written), now)
         return written
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
@@ -548,6 +559,10 @@ class SQLiteStore:
                     (target, error, finished, job_id),
                 )
                 bucket.append(job_id)
+            if (recovered.failed or recovered.aborted) and _has_dependencies(db):
+                ended = [(job_id, State.FAILED) for job_id in recovered.failed]
+                ended += [(job_id, State.ABORTED) for job_id in recovered.aborted]
+                _release_dependants(db, ended, now)
         return recovered
 
     async def promote(self, now: float) -> tuple[list[str], float | None]:
@@ -588,6 +603,9 @@ class SQLiteStore:
                 " WHERE id = ?",
                 (now, job_id),
             )
+            if _has_dependencies(db):
+                db.execute("DELETE FROM flexq_dependencies WHERE child_id = ?", (job_id,))
+                _release_dependants(db, [(job_id, State.ABORTED)], now)
         return State.ABORTED
 
     async def set_progress(self, owner: str, job_id: JobId, progress: str) -> bool:
@@ -809,6 +827,73 @@ class SQLiteStore:
         with self._transaction() as db:
             return db.execute("DELETE FROM flexq_schedules WHERE name = ?", (name,)).rowcount > 0
 
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        return await self._run(self._enqueue_dependent, list(jobs), now)
+
+    def _enqueue_dependent(self, jobs: list[DependentJob], now: float) -> list[JobId]:
+        with self._transaction() as db:
+            states = _states_of(db, {p for dependent in jobs for p in dependent.parents})
+            rows: list[tuple[Any, ...]] = []
+            edges: list[tuple[JobId, JobId, str]] = []
+            aborted: list[tuple[JobId, str]] = []
+            for dependent in jobs:
+                job = dependent.job
+                waiting: list[JobId] = []
+                failed: tuple[JobId, State] | None = None
+                for parent in dependent.parents:
+                    state = states.get(parent)
+                    if state is None:
+                        raise JobNotFound(parent)
+                    if not state.is_final:
+                        waiting.append(parent)
+                    elif state is not State.COMPLETED and dependent.on_parent_failure == "abort":
+                        failed = failed or (parent, state)
+                row = _insert_row(job, now)
+                if failed is not None:
+                    state = State.ABORTED
+                    error = parent_failed_error(failed[0], failed[1], now)
+                    aborted.append((job.id, dumps(error, "error")))
+                elif waiting:
+                    state = State.WAITING
+                    policy = dependent.on_parent_failure
+                    edges.extend((parent, job.id, policy) for parent in waiting)
+                else:
+                    state = State(row[6])
+                rows.append((*row[:6], state, *row[7:]))
+                states[job.id] = state
+            _insert_all(db, rows)
+            db.executemany(
+                "INSERT OR IGNORE INTO flexq_dependencies (parent_id, child_id, on_parent_failure)"
+                " VALUES (?, ?, ?)",
+                edges,
+            )
+            db.executemany(
+                f"UPDATE flexq_jobs SET finished_at = ?, {_APPEND_ERROR} WHERE id = ?",
+                [(now, error, job_id) for job_id, error in aborted],
+            )
+        return [dependent.job.id for dependent in jobs]
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        return await self._run(self._waiting_for, job_id)
+
+    def _waiting_for(self, job_id: JobId) -> list[JobId]:
+        db = self._db
+        if db.execute("SELECT 1 FROM flexq_jobs WHERE id = ?", (job_id,)).fetchone() is None:
+            raise JobNotFound(job_id)
+        rows = db.execute(
+            "SELECT parent_id FROM flexq_dependencies WHERE child_id = ? ORDER BY parent_id",
+            (job_id,),
+        )
+        return [parent_id for (parent_id,) in rows]
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        rows = await self._run(self._select, _CHAIN, (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return [_info(row) for row in rows]
+
 
 _SCHEDULE_COLUMNS = (
     "name, tenant, cron, timezone, task, args, kwargs, misfire, state, next_fire_time,"
@@ -940,3 +1025,92 @@ def _info(row: tuple[Any, ...]) -> JobInfo:
         progress=row[19],
         abort_requested=row[20],
     )
+
+
+_CHAIN = f"""
+WITH RECURSIVE
+    up(id, parent_id) AS (
+        SELECT id, parent_id FROM flexq_jobs WHERE id = ?1
+        UNION
+        SELECT j.id, j.parent_id FROM flexq_jobs j JOIN up ON j.id = up.parent_id
+    ),
+    down(id) AS (
+        SELECT ?1
+        UNION
+        SELECT j.id FROM flexq_jobs j JOIN down ON j.parent_id = down.id
+    )
+SELECT {_INFO_COLUMNS} FROM flexq_jobs
+WHERE id IN (SELECT id FROM up UNION SELECT id FROM down)
+ORDER BY seq
+"""
+
+
+def _has_dependencies(db: sqlite3.Connection) -> bool:
+    """Whether any job waits for another: most queues never have one, and skip the rest."""
+    return db.execute("SELECT 1 FROM flexq_dependencies LIMIT 1").fetchone() is not None
+
+
+def _states_of(db: sqlite3.Connection, job_ids: Collection[JobId]) -> dict[JobId, State]:
+    ids = list(job_ids)
+    states: dict[JobId, State] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(f"SELECT id, state FROM flexq_jobs WHERE id IN ({marks})", chunk)
+        states.update((job_id, State(state)) for job_id, state in rows)
+    return states
+
+
+def _final_states(db: sqlite3.Connection, job_ids: list[JobId]) -> list[tuple[JobId, State]]:
+    return [(i, s) for i, s in _states_of(db, job_ids).items() if s.is_final]
+
+
+def _release_dependants(
+    db: sqlite3.Connection, finished: list[tuple[JobId, State]], now: float
+) -> None:
+    """Release or abort the WAITING dependants of jobs that just became final.
+
+    A dependant with no parent left becomes QUEUED (SCHEDULED until its run_at); one whose
+    parent failed ends ABORTED with an error naming the parent (unless its policy is "run"),
+    and its own dependants are dealt with in turn. Each parent costs index lookups, whatever
+    the number of its siblings, so a fan-in of many parents stays linear.
+    """
+    while finished:
+        states = dict(finished)
+        finished = []
+        parents = list(states)
+        edges: list[tuple[JobId, JobId, str]] = []
+        for start in range(0, len(parents), 500):
+            chunk = parents[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            edges += db.execute(
+                "SELECT parent_id, child_id, on_parent_failure FROM flexq_dependencies"
+                f" WHERE parent_id IN ({marks})",
+                chunk,
+            ).fetchall()
+            db.execute(f"DELETE FROM flexq_dependencies WHERE parent_id IN ({marks})", chunk)
+        failed_parent: dict[JobId, JobId] = {}
+        for parent, child, policy in edges:
+            if states[parent] is not State.COMPLETED and policy == "abort":
+                failed_parent.setdefault(child, parent)
+        for child, parent in failed_parent.items():
+            db.execute("DELETE FROM flexq_dependencies WHERE child_id = ?", (child,))
+            error = dumps(parent_failed_error(parent, states[parent], now), "error")
+            row = db.execute(
+                f"UPDATE flexq_jobs SET state = 'ABORTED', finished_at = ?, {_APPEND_ERROR}"
+                " WHERE id = ? AND state = 'WAITING' RETURNING id",
+                (now, error, child),
+            ).fetchone()
+            if row is not None:
+                finished.append((child, State.ABORTED))
+        released = sorted({child for _, child, _ in edges} - failed_parent.keys())
+        for start in range(0, len(released), 500):
+            chunk = released[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            db.execute(
+                "UPDATE flexq_jobs SET state = CASE WHEN run_at <= ? THEN 'QUEUED'"
+                " ELSE 'SCHEDULED' END"
+                f" WHERE id IN ({marks}) AND state = 'WAITING' AND NOT EXISTS"
+                " (SELECT 1 FROM flexq_dependencies d WHERE d.child_id = flexq_jobs.id)",
+                [now, *chunk],
+            )
