@@ -326,3 +326,50 @@ async def test_unschedule_removes_the_schedule(queue_url: str) -> None:
         assert await queue.unschedule("hourly")
         assert not await queue.unschedule("hourly")
         assert await queue.schedules() == []
+
+
+async def test_a_reserved_schedule_starts_on_time_in_a_saturated_queue(queue_url: str) -> None:
+    """With every worker busy and the host throttled, a reserve=True job still starts at once,
+    on the reserved worker, while the other jobs keep waiting."""
+    clock = Clock()
+    busy = False
+    queue = flexq.Queue(
+        queue_url, workers=2, poll_interval=0.05, max_loop_lag=None, clock=clock,
+        load_probe=lambda: busy,
+    )  # fmt: skip
+    release = anyio.Event()
+
+    @queue.task
+    async def hog() -> None:
+        await release.wait()
+
+    @queue.task(name="report")
+    async def report(region: str) -> str:
+        return region
+
+    async with queue:
+        hogs = [await queue.enqueue(hog, tenant=f"t{n % 2}") for n in range(6)]
+        await wait_until(lambda: _running(queue, 2))
+        busy = True
+        info = await queue.schedule("urgent", "0 * * * *", report, "eu", reserve=True)
+        assert info.reserve
+        await advance_and_settle(queue, clock, "urgent", minutes=30)
+        (job,) = await scheduled_jobs(queue)
+        done = await queue.wait(job.id, timeout=10)
+        counts = await queue.counts()
+        busy = False
+        release.set()
+        for hog_id in hogs:
+            await queue.wait(hog_id, timeout=10)
+    assert done.state is flexq.State.COMPLETED
+    assert (counts[flexq.State.PROCESSING], counts[flexq.State.QUEUED]) == (2, 4)
+
+
+async def _running(queue: flexq.Queue, count: int) -> bool:
+    return (await queue.counts())[flexq.State.PROCESSING] == count
+
+
+def test_reserved_workers_must_be_a_count() -> None:
+    """A negative number of reserved workers is refused."""
+    with pytest.raises(flexq.InvalidArguments):
+        flexq.Queue("memory://", reserved_workers=-1)

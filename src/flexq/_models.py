@@ -189,6 +189,8 @@ class ScheduleInfo:
     misfire: str
     """``"skip"``, ``"run_once"`` or ``"run_all"``: what happens to fire times missed while no
     process ran the schedule."""
+    reserve: bool
+    """Whether its jobs start on a worker kept free for them (``Queue(reserved_workers=...)``)."""
     previous_fire_time: datetime | None
     """The latest fire time that enqueued a job, in the schedule's time zone."""
     next_fire_time: datetime | None

@@ -126,6 +126,8 @@ class Queue:
         max_lease_expiries: a job whose lease expired this many times (its process keeps dying)
             ends FAILED instead of being run again.
         clock: the time source (epoch seconds) for timestamps; tests may replace it.
+        reserved_workers: extra workers kept free for the jobs of schedules made with
+            ``reserve=True``; no other job runs on them.
     """
 
     def __init__(
@@ -144,12 +146,14 @@ class Queue:
         weights: Mapping[str, float] | None = None,
         max_lease_expiries: int = 3,
         clock: Callable[[], float] = time.time,
+        reserved_workers: int = 1,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
         )
         _check_count("workers", workers, 1)
         _check_count("max_lease_expiries", max_lease_expiries, 1)
+        _check_count("reserved_workers", reserved_workers, 0)
         for name, value in (
             ("lease", lease), ("poll_interval", poll_interval), ("retention", retention_seconds),
             ("prune_interval", prune_interval),
@@ -167,6 +171,7 @@ class Queue:
         self.prune_interval = prune_interval
         self.backoff = backoff or Backoff()
         self.max_lease_expiries = max_lease_expiries
+        self.reserved_workers = reserved_workers
         self._weights = dict(weights or {})
         DeficitRoundRobin(self._weights)  # validates the weights now, not when the queue opens
         self._max_loop_lag = max_loop_lag
@@ -306,6 +311,7 @@ class Queue:
             queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
             workers=self.workers, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
+            reserved=self.reserved_workers,
         )  # fmt: skip
         dispatcher = Dispatcher(
             store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
@@ -784,6 +790,7 @@ class Queue:
         tenant: str | None = None,
         timezone: str = "UTC",
         misfire: Misfire = DEFAULT_MISFIRE,
+        reserve: bool = False,
         kwargs: Mapping[str, JSON] | None = None,
     ) -> ScheduleInfo:
         """Create the cron schedule ``name``, or update it: each fire time enqueues one job.
@@ -806,6 +813,12 @@ class Queue:
                 (it was down, say): ``"run_once"`` (the default) enqueues one catch-up job,
                 ``"run_all"`` one job per missed time (at most 100), ``"skip"`` none, except
                 for a time less than a minute late.
+            reserve: guarantee capacity: the job starts on one of the queue's
+                ``reserved_workers`` (kept free for such jobs) as soon as it is enqueued,
+                ahead of every tenant's turn, even when all ``workers`` are busy and the
+                host is throttled. It starts within a few store round trips of its fire time
+                in the process that fires it, while fewer than ``reserved_workers`` reserved
+                jobs run there.
             kwargs: keyword arguments for every job (JSON values).
 
         Raises:
@@ -818,6 +831,8 @@ class Queue:
         spec = self._resolve(task)
         options = self._options(tenant, None, None, None, None, self._clock())
         policy = check_misfire(misfire)
+        if not isinstance(reserve, bool):
+            raise InvalidArguments(f"reserve must be True or False, not {reserve!r}")
         times = Cron(cron, timezone)
         next_fire_time = times.next_after(self._clock())
         if next_fire_time is None:
@@ -825,7 +840,7 @@ class Queue:
         job = self._new_job(spec, args, kwargs or {}, options, None)
         record = ScheduleRecord(
             name=name, tenant=options.tenant, cron=times.expression, timezone=timezone,
-            task=spec.name, args=job.args, kwargs=job.kwargs, misfire=policy,
+            task=spec.name, args=job.args, kwargs=job.kwargs, misfire=policy, reserve=reserve,
             state=ScheduleState.ACTIVE, next_fire_time=next_fire_time,
         )  # fmt: skip
         stored = await self._store.put_schedule(record, self._clock())
@@ -892,9 +907,11 @@ class Queue:
                     self._scheduler.wake()
                 return schedule_info(stored)
 
-    def _schedule_fired(self, jobs: list[NewJob]) -> None:
+    def _schedule_fired(self, jobs: list[NewJob], reserve: bool) -> None:
         if self._dispatcher is not None:
             self._dispatcher.notify({job.tenant for job in jobs})
+            if reserve:
+                self._dispatcher.run_reserved(job.id for job in jobs)
 
     # -- chains and dependencies ------------------------------------------------------------
 

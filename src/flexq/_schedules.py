@@ -188,6 +188,7 @@ def schedule_info(record: ScheduleRecord) -> ScheduleInfo:
         kwargs=loads(record.kwargs),
         state=ScheduleState(record.state),
         misfire=record.misfire,
+        reserve=record.reserve,
         previous_fire_time=local(record.previous_fire_time),
         next_fire_time=local(record.next_fire_time),
         times_triggered=record.times_triggered,
@@ -210,7 +211,7 @@ class Scheduler:
         clock: Callable[[], float],
         poll_interval: float,
         new_id: Callable[[], JobId],
-        on_fired: Callable[[list[NewJob]], None],
+        on_fired: Callable[[list[NewJob], bool], None],
     ) -> None:
         self._store = store
         self._tasks = tasks
@@ -263,7 +264,7 @@ class Scheduler:
             )
             if await self._store.fire_schedule(record.name, record.revision, firing, jobs, now):
                 if jobs:
-                    self._on_fired(jobs)
+                    self._on_fired(jobs, record.reserve)
                 later = steps.next_fire_time
             else:
                 later = now  # changed by someone else meanwhile: read it again

@@ -213,10 +213,10 @@ class Store(Protocol):
     async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
         """Insert a schedule, or update the one with its name; return it as stored.
 
-        An update takes the new tenant, task, arguments, expression, zone and misfire policy,
-        and keeps the state and history (previous fire time, times triggered, last job). It
-        keeps ``next_fire_time`` too unless the expression or the zone changed. Every change
-        bumps ``revision``.
+        An update takes the new tenant, task, arguments, expression, zone, misfire policy and
+        reserve flag, and keeps the state and history (previous fire time, times triggered,
+        last job). It keeps ``next_fire_time`` too unless the expression or the zone changed.
+        Every change bumps ``revision``.
         """
 
     async def get_schedule(self, name: str) -> ScheduleRecord | None:
@@ -271,6 +271,17 @@ class Store(Protocol):
 
     async def waiting_for(self, job_id: JobId) -> list[JobId]:
         """The parents a WAITING job still waits for."""
+
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        """Move these jobs to PROCESSING, those that are QUEUED (suspects aside) and of
+        ``tasks``, unless paused: what :meth:`claim` takes, by id instead of by turn."""
 
     async def chain(self, job_id: JobId) -> list[JobInfo]:
         """The job, its ancestors and its descendants by ``parent_id``, in creation order.
@@ -390,6 +401,8 @@ class ScheduleRecord(NamedTuple):
     kwargs: str
     """JSON object."""
     misfire: str
+    reserve: bool
+    """Whether its jobs run on a worker kept for them (``reserved_workers``)."""
     state: str
     """``"active"`` or ``"paused"``."""
     next_fire_time: float | None

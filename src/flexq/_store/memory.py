@@ -576,6 +576,29 @@ class MemoryStore:
             target = State.QUEUED if row.run_at <= now else State.SCHEDULED
             self._set_waiting(row, target, row.run_at)
 
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        await anyio.lowlevel.checkpoint()
+        runnable = self._runnable(tasks)
+        claimed = []
+        for job_id in job_ids:
+            row = self._rows.get(job_id)
+            if (
+                row is not None
+                and row.state is State.QUEUED
+                and not row.lease_expiries
+                and row.job.task in runnable
+                and (PauseScope.TENANT, row.job.tenant) not in self._pauses
+            ):
+                claimed.append(self._take(row, owner, now, lease_until))
+        return claimed
+
     async def waiting_for(self, job_id: JobId) -> list[JobId]:
         await anyio.lowlevel.checkpoint()
         if job_id not in self._rows:

@@ -109,6 +109,7 @@ CREATE TABLE IF NOT EXISTS flexq_schedules (
     args TEXT NOT NULL,
     kwargs TEXT NOT NULL,
     misfire TEXT NOT NULL,
+    reserve INTEGER NOT NULL,
     state TEXT NOT NULL,
     next_fire_time REAL,
     previous_fire_time REAL,
@@ -716,29 +717,29 @@ class SQLiteStore:
     def _put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
         values = (
             schedule.name, schedule.tenant, schedule.cron, schedule.timezone, schedule.task,
-            schedule.args, schedule.kwargs, schedule.misfire, schedule.state,
+            schedule.args, schedule.kwargs, schedule.misfire, schedule.reserve, schedule.state,
             schedule.next_fire_time, now,
         )  # fmt: skip
         with self._transaction() as db:
             row = db.execute(
                 f"INSERT INTO flexq_schedules ({_SCHEDULE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, NULL, 1, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, NULL, 1, ?)"
                 " ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant,"
                 " task = excluded.task, args = excluded.args, kwargs = excluded.kwargs,"
-                " misfire = excluded.misfire, next_fire_time = CASE"
+                " misfire = excluded.misfire, reserve = excluded.reserve, next_fire_time = CASE"
                 "  WHEN cron = excluded.cron AND timezone = excluded.timezone"
                 "  THEN next_fire_time ELSE excluded.next_fire_time END,"
                 " cron = excluded.cron, timezone = excluded.timezone, revision = revision + 1"
                 f" RETURNING {_SCHEDULE_COLUMNS}",
                 values,
             ).fetchone()
-        return ScheduleRecord(*row)
+        return _schedule(row)
 
     async def get_schedule(self, name: str) -> ScheduleRecord | None:
         rows = await self._run(
             self._select, f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules WHERE name = ?", (name,)
         )
-        return ScheduleRecord(*rows[0]) if rows else None
+        return _schedule(rows[0]) if rows else None
 
     async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
         sql = f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules"
@@ -746,7 +747,7 @@ class SQLiteStore:
         if tenant is not None:
             sql, params = sql + " WHERE tenant = ?", (tenant,)
         sql += " ORDER BY name"
-        return [ScheduleRecord(*row) for row in await self._run(self._select, sql, params)]
+        return [_schedule(row) for row in await self._run(self._select, sql, params)]
 
     async def due_schedules(
         self, tasks: Collection[str], now: float
@@ -758,7 +759,7 @@ class SQLiteStore:
     ) -> tuple[list[ScheduleRecord], float | None]:
         db = self._db
         due = [
-            ScheduleRecord(*row)
+            _schedule(row)
             for row in db.execute(
                 f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules INDEXED BY flexq_schedules_due"
                 " WHERE state = 'active' AND next_fire_time <= ? ORDER BY next_fire_time, name",
@@ -818,7 +819,7 @@ class SQLiteStore:
                 f" WHERE name = ? AND revision = ? RETURNING {_SCHEDULE_COLUMNS}",
                 (state, next_fire_time, name, revision),
             ).fetchone()
-        return None if row is None else ScheduleRecord(*row)
+        return None if row is None else _schedule(row)
 
     async def delete_schedule(self, name: str) -> bool:
         return await self._run(self._delete_schedule, name)
@@ -875,6 +876,37 @@ class SQLiteStore:
             )
         return [dependent.job.id for dependent in jobs]
 
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        return await self._run(self._claim_jobs, owner, list(job_ids), set(tasks), now,
+                               lease_until)  # fmt: skip
+
+    def _claim_jobs(
+        self, owner: str, job_ids: list[JobId], tasks: set[str], now: float, lease_until: float
+    ) -> list[ClaimedJob]:
+        with self._transaction() as db:
+            runnable = self._runnable(db, tasks)
+            if not runnable or not job_ids:
+                return []
+            ids = ", ".join(f"?{4 + i}" for i in range(len(job_ids)))
+            marks = ", ".join(f"?{4 + len(job_ids) + i}" for i in range(len(runnable)))
+            rows = db.execute(
+                "UPDATE flexq_jobs SET state = 'PROCESSING', attempts = attempts + 1,"
+                " started_at = ?1, lease_owner = ?2, lease_until = ?3"
+                f" WHERE id IN ({ids}) AND state = 'QUEUED' AND lease_expiries = 0"
+                f" AND task IN ({marks}) AND tenant NOT IN ({_PAUSED_TENANTS})"
+                " RETURNING id, task, kind, tenant, priority, args, kwargs, attempts,"
+                " max_attempts, timeout, parent_id, kind_rank, seq",
+                (now, owner, lease_until, *job_ids, *runnable),
+            ).fetchall()
+        return sorted(map(_claimed, rows), key=_by_order)
+
     async def waiting_for(self, job_id: JobId) -> list[JobId]:
         return await self._run(self._waiting_for, job_id)
 
@@ -896,7 +928,7 @@ class SQLiteStore:
 
 
 _SCHEDULE_COLUMNS = (
-    "name, tenant, cron, timezone, task, args, kwargs, misfire, state, next_fire_time,"
+    "name, tenant, cron, timezone, task, args, kwargs, misfire, reserve, state, next_fire_time,"
     " previous_fire_time, times_triggered, last_job_id, revision, created_at"
 )
 
@@ -1114,3 +1146,12 @@ def _release_dependants(
                 " (SELECT 1 FROM flexq_dependencies d WHERE d.child_id = flexq_jobs.id)",
                 [now, *chunk],
             )
+
+
+def _schedule(row: tuple[Any, ...]) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row[0], tenant=row[1], cron=row[2], timezone=row[3], task=row[4], args=row[5],
+        kwargs=row[6], misfire=row[7], reserve=bool(row[8]), state=row[9],
+        next_fire_time=row[10], previous_fire_time=row[11], times_triggered=row[12],
+        last_job_id=row[13], revision=row[14], created_at=row[15],
+    )  # fmt: skip
