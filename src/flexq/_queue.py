@@ -923,17 +923,23 @@ class Queue:
         priority: int | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
+        depends_on: Sequence[JobId] = (),
     ) -> list[JobId]:
         """Enqueue calls that run one after another, each once the one before COMPLETED.
 
         Each step is a child of the step before (``parent_id``), waits for it (WAITING), and
         can read its result with :meth:`Context.previous_result`. If a step ends FAILED or
-        ABORTED, the steps after it end ABORTED. All steps are written in one transaction.
-        Options given here apply to every step unless a call sets its own with
+        ABORTED, the steps after it end ABORTED. The first step waits for the jobs in
+        ``depends_on`` (a fan-in), as :meth:`enqueue` does. All steps are written in one
+        transaction. Options given here apply to every step unless a call sets its own with
         :meth:`Call.with_options` (``delay``/``run_at`` hold a step back after its turn
         comes; keys are not allowed). Returns the ids in order.
+
+        Raises:
+            JobNotFound: a job in ``depends_on`` does not exist.
         """
         self._check_open()
+        first_parents = _parent_ids(depends_on)
         now = self._clock()
         shared = self._options(tenant, priority, delay, run_at, None, now)
         steps: list[DependentJob] = []
@@ -949,7 +955,7 @@ class Queue:
                 options = self._options(now=now, **merged)
             parent = steps[-1].job.id if steps else None
             job = self._new_job(self._resolve(call.task), call.args, call.kwargs, options, parent)
-            steps.append(DependentJob(job, () if parent is None else (parent,)))
+            steps.append(DependentJob(job, first_parents if parent is None else (parent,)))
         if not steps:
             return []
         return await self._submit_dependent(steps)
