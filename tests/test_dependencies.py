@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import flexq
 from flexq import JobNotFound, State
+from flexq._store import sqlite as store_sql
 from flexq.abc import DependentJob, Outcome, Store
 from tests.conftest import make_queue
 from tests.test_store_conformance import OWNER, T0, TASKS, job, put
@@ -314,3 +316,38 @@ async def test_a_chain_step_can_wait_for_a_time_after_its_turn(queue_url: str) -
     assert info.state is State.COMPLETED
     assert info.started_at is not None
     assert info.started_at >= later
+
+
+def test_releasing_dependants_uses_indexes_only() -> None:
+    """Every statement that releases or aborts dependants, or lists what a job waits for,
+    seeks an index: no statement scans the jobs or the dependency edges."""
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    for statement in store_sql._SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    store = store_sql.SQLiteStore(":memory:")
+    store._conn = db
+    store._enqueue_dependent(
+        [
+            DependentJob(job("a"), ()),
+            DependentJob(job("b"), ()),
+            DependentJob(job("c"), ("a", "b")),
+            DependentJob(job("d"), ("c",)),
+            DependentJob(job("e"), ("b",)),
+        ],
+        T0,
+    )
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    store_sql._release_dependants(db, [("a", State.FAILED)], T0)
+    store_sql._release_dependants(db, [("b", State.COMPLETED)], T0)
+    store._waiting_for("e")
+    db.set_trace_callback(None)
+    plans = [
+        " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql))
+        for sql in statements
+        if sql.lstrip().startswith(("SELECT", "UPDATE", "DELETE"))
+    ]
+    assert len(plans) >= 10
+    assert any("NOT EXISTS" in sql for sql in statements)
+    assert all("SEARCH" in p and "SCAN" not in p for p in plans), plans

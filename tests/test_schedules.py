@@ -16,6 +16,7 @@ import pytest
 import flexq
 from flexq._schedules import Cron
 from flexq._store.memory import MemoryStore
+from flexq.abc import NewJob, ScheduleFiring, ScheduleRecord
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -397,3 +398,77 @@ def test_the_schedules_example_runs(backend: str, tmp_path: Path) -> None:
     assert "published: 535 orders in all" in result.stdout
     fired = [line for line in result.stdout.splitlines() if line.endswith("billing is up")]
     assert len(fired) >= 2
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def record(
+    name: str = "s", *, task: str = "t", cron: str = "0 * * * *", at: float = 100.0
+) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=name, tenant="acme", cron=cron, timezone="UTC", task=task, args="[1]",
+        kwargs="{}", misfire="run_once", reserve=False, state="active", next_fire_time=at,
+    )  # fmt: skip
+
+
+def scheduled_job(job_id: str, run_at: float) -> NewJob:
+    return NewJob(
+        id=job_id, task="t", kind=flexq.Kind.SCHEDULED, tenant="acme", priority=0, args="[1]",
+        kwargs="{}", max_attempts=1, timeout=None, run_at=run_at, key=None, parent_id=None,
+    )  # fmt: skip
+
+
+async def test_a_firing_is_guarded_by_the_revision(store: Store) -> None:
+    """Only a firing of the latest revision writes; a second one with the same revision, as
+    a process that lost the race sends, writes neither the schedule nor a job."""
+    stored = await store.put_schedule(record(), 50.0)
+    firing = ScheduleFiring(next_fire_time=200.0, previous_fire_time=100.0, last_job_id="j1")
+    assert await store.fire_schedule(
+        "s", stored.revision, firing, [scheduled_job("j1", 100.0)], 150.0
+    )
+    late = ScheduleFiring(next_fire_time=200.0, previous_fire_time=100.0, last_job_id="j2")
+    assert not await store.fire_schedule(
+        "s", stored.revision, late, [scheduled_job("j2", 100.0)], 150.0
+    )
+    after = await store.get_schedule("s")
+    assert after is not None
+    assert (after.next_fire_time, after.previous_fire_time) == (200.0, 100.0)
+    assert (after.times_triggered, after.last_job_id) == (1, "j1")
+    assert [info.id for info in await store.get_many(["j1", "j2"])] == ["j1"]
+    assert (await store.get("j1")).state is flexq.State.QUEUED
+
+
+async def test_put_schedule_keeps_history_and_times_unless_the_expression_changes(
+    store: Store,
+) -> None:
+    """An update bumps the revision and keeps counters; only a new expression moves the time."""
+    first = await store.put_schedule(record(), 50.0)
+    firing = ScheduleFiring(next_fire_time=200.0, previous_fire_time=100.0, last_job_id="j1")
+    await store.fire_schedule("s", first.revision, firing, [scheduled_job("j1", 100.0)], 150.0)
+    same = await store.put_schedule(record(at=999.0)._replace(args="[2]"), 160.0)
+    assert (same.next_fire_time, same.times_triggered, same.args) == (200.0, 1, "[2]")
+    assert same.revision > first.revision
+    moved = await store.put_schedule(record(cron="30 * * * *", at=999.0), 170.0)
+    assert (moved.next_fire_time, moved.last_job_id, moved.created_at) == (999.0, "j1", 50.0)
+    assert await store.set_schedule_state("s", same.revision, "paused", None) is None
+    paused = await store.set_schedule_state("s", moved.revision, "paused", 999.0)
+    assert paused is not None
+    assert paused.state == "paused"
+
+
+async def test_due_schedules_are_active_ones_of_the_given_tasks(store: Store) -> None:
+    """Due lists active schedules of runnable tasks; the next time counts the later ones."""
+    await store.put_schedule(record("due", at=100.0), 0.0)
+    await store.put_schedule(record("other-task", task="u", at=100.0), 0.0)
+    later = await store.put_schedule(record("later", at=300.0), 0.0)
+    paused = await store.put_schedule(record("paused", at=100.0), 0.0)
+    await store.set_schedule_state("paused", paused.revision, "paused", 100.0)
+    due, next_time = await store.due_schedules({"t"}, 150.0)
+    assert [r.name for r in due] == ["due"]
+    assert next_time == later.next_fire_time
+    assert [r.name for r in await store.list_schedules("acme")] == [
+        "due", "later", "other-task", "paused",
+    ]  # fmt: skip
+    assert await store.delete_schedule("due")
+    assert await store.get_schedule("due") is None

@@ -7,7 +7,7 @@ schedule's revision, so that several processes sharing a store fire each time on
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -172,8 +172,12 @@ def plan(record: ScheduleRecord, now: float) -> Plan:
 
 
 def schedule_info(record: ScheduleRecord) -> ScheduleInfo:
-    """The public snapshot of a stored schedule; times in the schedule's zone."""
-    where = ZoneInfo(record.timezone)
+    """The public snapshot of a stored schedule; times in the schedule's zone (in UTC on a
+    host whose zone database lacks it)."""
+    try:
+        where: tzinfo = ZoneInfo(record.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        where = UTC
 
     def local(moment: float | None) -> datetime | None:
         return None if moment is None else datetime.fromtimestamp(moment, UTC).astimezone(where)
