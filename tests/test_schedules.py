@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ import pytest
 import flexq
 from flexq._schedules import Cron
 from flexq._store.memory import MemoryStore
+from flexq._store.sqlite import _SCHEMA as sqlite_schema
 from flexq.abc import NewJob, ScheduleFiring, ScheduleRecord
 
 if TYPE_CHECKING:
@@ -472,3 +474,22 @@ async def test_due_schedules_are_active_ones_of_the_given_tasks(store: Store) ->
     ]  # fmt: skip
     assert await store.delete_schedule("due")
     assert await store.get_schedule("due") is None
+
+
+async def test_a_database_from_before_schedules_gains_their_tables(tmp_path: Path) -> None:
+    """A SQLite file made without the schedule and dependency tables gets them when opened."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    added = ("flexq_schedules", "flexq_dependencies")  # the tables schedules and chains added
+    for statement in sqlite_schema.split(";"):
+        if statement.strip() and not any(table in statement for table in added):
+            old.execute(statement)
+    old.execute("INSERT INTO flexq_meta VALUES ('schema_version', '1')")
+    old.commit()
+    old.close()
+    queue, report = hourly_queue(f"sqlite:///{path}", Clock())
+    async with queue:
+        await queue.schedule("hourly", "0 * * * *", report, "eu")
+        first = await queue.enqueue(report, "a")
+        await queue.enqueue(report, "b", depends_on=[first])
+        assert [info.name for info in await queue.schedules()] == ["hourly"]

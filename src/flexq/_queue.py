@@ -837,10 +837,11 @@ class Queue:
         next_fire_time = times.next_after(self._clock())
         if next_fire_time is None:
             raise InvalidArguments(f"the cron expression {cron!r} never fires")
-        job = self._new_job(spec, args, kwargs or {}, options, None)
+        spec.check_arguments(args, kwargs or {})
         record = ScheduleRecord(
             name=name, tenant=options.tenant, cron=times.expression, timezone=timezone,
-            task=spec.name, args=job.args, kwargs=job.kwargs, misfire=policy, reserve=reserve,
+            task=spec.name, args=dumps(args, "task arguments"),
+            kwargs=dumps(kwargs or {}, "task keyword arguments"), misfire=policy, reserve=reserve,
             state=ScheduleState.ACTIVE, next_fire_time=next_fire_time,
         )  # fmt: skip
         stored = await self._store.put_schedule(record, self._clock())
