@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import sqlite3
 import subprocess
@@ -13,6 +15,9 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
+from croniter import croniter
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flexq
 from flexq._schedules import Cron
@@ -493,3 +498,70 @@ async def test_a_database_from_before_schedules_gains_their_tables(tmp_path: Pat
         first = await queue.enqueue(report, "a")
         await queue.enqueue(report, "b", depends_on=[first])
         assert [info.name for info in await queue.schedules()] == ["hourly"]
+
+
+def wall_offset(moment: float, zone: ZoneInfo) -> timedelta | None:
+    return datetime.fromtimestamp(moment, zone).utcoffset()
+
+
+EXPRESSIONS = [
+    "*/7 * * * *", "30 2 * * *", "0,45 1-3 * * *", "15 * * * *", "0 0 * * 0",
+    "*/20 * * * * *", "10 30 2 * * *", "0 12 1 * *",
+]  # fmt: skip
+ZONES = ["UTC", "Europe/Madrid", "America/New_York", "Australia/Lord_Howe", "Asia/Tehran"]
+
+
+@functools.cache
+def clock_changes(timezone: str, year: int) -> list[float]:
+    """The instants (to the hour) at which the zone's offset changes in ``year``."""
+    zone = ZoneInfo(timezone)
+    start = datetime(year, 1, 1, tzinfo=UTC).timestamp()
+    hours = [start + 3600 * n for n in range(366 * 24)]
+    return [b for a, b in itertools.pairwise(hours) if wall_offset(a, zone) != wall_offset(b, zone)]
+
+
+@st.composite
+def instants(draw: st.DrawFn, timezone: str) -> float:
+    """Any instant of 2025-2027, or one within four hours of a change of the zone's clock."""
+    changes = clock_changes(timezone, 2026)
+    near_a_change = draw(st.booleans())
+    if changes and near_a_change:
+        return draw(st.sampled_from(changes)) + draw(st.floats(-4 * 3600, 4 * 3600))
+    low, high = datetime(2025, 1, 1, tzinfo=UTC), datetime(2028, 1, 1, tzinfo=UTC)
+    return draw(st.floats(low.timestamp(), high.timestamp()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    expression=st.sampled_from(EXPRESSIONS),
+    zone_and_after=st.sampled_from(ZONES).flatmap(
+        lambda timezone: st.tuples(st.just(timezone), instants(timezone))
+    ),
+)
+def test_fire_times_rise_and_match_the_wall_clock(
+    expression: str, zone_and_after: tuple[str, float]
+) -> None:
+    """Fire times only rise, and each shows a wall time the expression names (or ends a gap
+    that skipped one); an every-hour expression misses no instant that shows such a time; in
+    UTC they are exactly croniter's."""
+    timezone, after = zone_and_after
+    cron, zone = Cron(expression, timezone), ZoneInfo(timezone)
+    seconds = len(expression.split()) == 6
+    walls = croniter(expression, datetime.fromtimestamp(after, UTC).replace(tzinfo=None),
+                     second_at_beginning=seconds)  # fmt: skip
+    moment = after
+    for _ in range(5):
+        found = cron.next_after(moment)
+        assert found is not None
+        assert found > moment
+        wall = datetime.fromtimestamp(found, zone).replace(tzinfo=None)
+        gap_end = datetime.fromtimestamp(found - 1, zone).utcoffset() != wall_offset(found, zone)
+        assert gap_end or croniter.match(expression, wall, second_at_beginning=seconds)
+        if timezone == "UTC":
+            assert found == walls.get_next(datetime).replace(tzinfo=UTC).timestamp()
+        if expression.split()[-4] == "*":  # real time: no instant in between shows a match
+            step = 1 if seconds else 60
+            for between in range(int(moment) // step * step + step, int(found), step):
+                shown = datetime.fromtimestamp(between, zone).replace(tzinfo=None)
+                assert not croniter.match(expression, shown, second_at_beginning=seconds)
+        moment = found

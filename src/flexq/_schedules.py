@@ -7,6 +7,7 @@ schedule's revision, so that several processes sharing a store fire each time on
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -75,7 +76,9 @@ class Cron:
     def next_after(self, after: float) -> float | None:
         """The first fire time after ``after`` (epoch seconds), or None if there is none."""
         zone = self.zone
-        local = datetime.fromtimestamp(after, zone)
+        # Whole seconds: fromtimestamp rounds to the microsecond, which may round up onto a
+        # fire time that is after ``after``, and the walk below starts strictly after start.
+        local = datetime.fromtimestamp(math.floor(after), zone)
         start = local.replace(tzinfo=None)
         offset = local.utcoffset()
         drop = offset - datetime.fromtimestamp(after + _LOOKAHEAD, zone).utcoffset()  # type: ignore[operator]
