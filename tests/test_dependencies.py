@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import pytest
 
 import flexq
 from flexq import JobNotFound, State
 from flexq._store import sqlite as store_sql
+from flexq._store.memory import MemoryStore
 from flexq.abc import DependentJob, Outcome, Store
 from tests.conftest import make_queue
 from tests.test_store_conformance import OWNER, T0, TASKS, job, put
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # -- the store ------------------------------------------------------------------------------
 
@@ -351,3 +357,72 @@ def test_releasing_dependants_uses_indexes_only() -> None:
     assert len(plans) >= 10
     assert any("NOT EXISTS" in sql for sql in statements)
     assert all("SEARCH" in p and "SCAN" not in p for p in plans), plans
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_memory_and_sqlite_agree_on_random_dependency_graphs(
+    seed: int, tmp_path: Path
+) -> None:
+    """Random graphs and random endings of their jobs leave both stores in the same states,
+    and every WAITING job waits for exactly its parents that are not final."""
+    rng = random.Random(seed)
+    stores: list[Store] = [MemoryStore(), store_sql.SQLiteStore(str(tmp_path / "f.db"))]
+    for each in stores:
+        await each.open()
+    parents: dict[str, tuple[str, ...]] = {}
+    policies: dict[str, str] = {}
+    try:
+        for step in range(60):
+            op = rng.choice(["enqueue", "enqueue", "claim", "end", "end", "abort", "recover"])
+            now = T0 + step
+            if op == "enqueue":
+                new = f"j{step:03d}"
+                chosen = tuple(rng.sample(sorted(parents), min(len(parents), rng.randint(0, 3))))
+                policy = rng.choice(["abort", "abort", "run"])
+                parents[new], policies[new] = chosen, policy
+                dependent = DependentJob(job(new, run_at=now), chosen, policy)  # type: ignore[arg-type]
+                for each in stores:
+                    await each.enqueue_dependent([dependent], now)
+            elif op == "claim":
+                claimed = [
+                    sorted(c.id for c in await each.claim(OWNER, {"acme": 2}, TASKS, now, now + 5))
+                    for each in stores
+                ]
+                assert claimed[0] == claimed[1]
+            elif op in ("end", "abort"):
+                infos = await stores[0].get_many(sorted(parents))
+                if op == "end":
+                    running = [i.id for i in infos if i.state is State.PROCESSING]
+                    if running:
+                        target = rng.choice(running)
+                        ending = rng.choice([State.COMPLETED, State.FAILED, State.ABORTED])
+                        for each in stores:
+                            await each.report(OWNER, [Outcome(target, ending)], now)
+                else:
+                    waiting = [i.id for i in infos if i.state in (State.WAITING, State.QUEUED)]
+                    if waiting:
+                        target = rng.choice(waiting)
+                        for each in stores:
+                            await each.request_abort(target, now)
+            else:
+                for each in stores:
+                    await each.recover(now, max_lease_expiries=1)
+            views = []
+            for each in stores:
+                infos = await each.get_many(sorted(parents))
+                views.append({i.id: (i.state, len(i.errors)) for i in infos})
+            assert views[0] == views[1], f"step {step}: {op}"
+            states = {job_id: state for job_id, (state, _) in views[0].items()}
+            for job_id, state in states.items():
+                unfinished = sorted(p for p in parents[job_id] if not states[p].is_final)
+                if state is State.WAITING:
+                    assert unfinished
+                    for each in stores:
+                        assert await each.waiting_for(job_id) == unfinished
+                elif state in (State.QUEUED, State.PROCESSING, State.COMPLETED):
+                    assert not unfinished
+                    ok = {State.COMPLETED} if policies[job_id] == "abort" else set(State)
+                    assert all(states[p] in ok for p in parents[job_id])
+    finally:
+        for each in stores:
+            await each.close()
