@@ -426,3 +426,32 @@ async def test_memory_and_sqlite_agree_on_random_dependency_graphs(
     finally:
         for each in stores:
             await each.close()
+
+
+async def test_a_handler_fans_out_and_in_through_its_context(queue_url: str) -> None:
+    """ctx.enqueue with depends_on: the sink waits for the branches the handler enqueued, and
+    all of them are in the handler's chain."""
+    queue = make_queue(queue_url)
+
+    @queue.task
+    async def square(n: int) -> int:
+        return n * n
+
+    @queue.task
+    async def add_up(*branches: str) -> int:
+        return sum(info.result for info in await queue.get_many(list(branches)))
+
+    @queue.task
+    async def fan_out(ctx: flexq.Context, count: int) -> str:
+        branches = [await ctx.enqueue(square, n) for n in range(count)]
+        return await ctx.enqueue(add_up, *branches, depends_on=branches)
+
+    async with queue:
+        root = await queue.enqueue(fan_out, 4, tenant="acme")
+        sink_id = (await queue.wait(root, timeout=10)).result
+        sink = await queue.wait(sink_id, timeout=10)
+        chain = await queue.chain(root)
+    assert (sink.state, sink.result, sink.parent_id, sink.tenant) == (
+        State.COMPLETED, 0 + 1 + 4 + 9, root, "acme",
+    )  # fmt: skip
+    assert len(chain) == 6

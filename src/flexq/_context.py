@@ -11,12 +11,13 @@ from flexq._errors import JobNotFound
 from flexq._serialize import dumps
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import datetime
 
     from flexq._models import JSON, JobId
     from flexq._queue import Queue
     from flexq._states import Kind
-    from flexq._store.base import ClaimedJob, OnDuplicate
+    from flexq._store.base import ClaimedJob, OnDuplicate, OnParentFailure
     from flexq._task import TaskRef
 
 
@@ -91,8 +92,23 @@ class Context:
         key: str | None = None,
         on_duplicate: OnDuplicate = "raise",
         kwargs: dict[str, JSON] | None = None,
+        depends_on: Sequence[JobId] | None = None,
+        on_parent_failure: OnParentFailure = "abort",
     ) -> JobId:
-        """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue."""
+        """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue.
+
+        With ``depends_on`` the child also waits for those jobs (a fan-in of jobs this one
+        fanned out, say); its ``parent_id`` is still this job.
+        """
+        if depends_on is not None:
+            job_id = await self._queue._enqueue_dependent_one(
+                task, args, kwargs,
+                tenant=self.tenant if tenant is None else tenant, priority=priority,
+                delay=delay, run_at=run_at, key=key, parent_id=self.job_id,
+                depends_on=depends_on, on_parent_failure=on_parent_failure,
+            )  # fmt: skip
+            self.children_enqueued += 1
+            return job_id
         job_id = await self._queue._enqueue_one(
             task,
             args,

@@ -455,16 +455,11 @@ class Queue:
         Nothing is written when it raises.
         """
         if depends_on is not None:
-            self._check_open()
-            if key is not None:
-                raise InvalidArguments("a job with depends_on cannot have a key")
-            options = self._options(tenant, priority, delay, run_at, None, self._clock())
-            job = self._new_job(self._resolve(task), args, kwargs or {}, options, None)
-            parents = _parent_ids(depends_on)
-            (job_id,) = await self._submit_dependent(
-                [DependentJob(job, parents, _check_on_parent_failure(on_parent_failure))]
-            )
-            return job_id
+            return await self._enqueue_dependent_one(
+                task, args, kwargs, tenant=tenant, priority=priority, delay=delay,
+                run_at=run_at, key=key, parent_id=None, depends_on=depends_on,
+                on_parent_failure=on_parent_failure,
+            )  # fmt: skip
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
             key=key, on_duplicate=on_duplicate, parent_id=None,
@@ -979,6 +974,31 @@ class Queue:
         """
         self._check_open()
         return await self._store.waiting_for(job_id)
+
+    async def _enqueue_dependent_one(
+        self,
+        task: TaskRef,
+        args: tuple[JSON, ...],
+        kwargs: Mapping[str, JSON] | None,
+        *,
+        tenant: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        key: str | None,
+        parent_id: JobId | None,
+        depends_on: Sequence[JobId],
+        on_parent_failure: OnParentFailure,
+    ) -> JobId:
+        self._check_open()
+        if key is not None:
+            raise InvalidArguments("a job with depends_on cannot have a key")
+        policy = _check_on_parent_failure(on_parent_failure)
+        parents = _parent_ids(depends_on)
+        options = self._options(tenant, priority, delay, run_at, None, self._clock())
+        job = self._new_job(self._resolve(task), args, kwargs or {}, options, parent_id)
+        (job_id,) = await self._submit_dependent([DependentJob(job, parents, policy)])
+        return job_id
 
     async def _submit_dependent(self, jobs: list[DependentJob]) -> list[JobId]:
         self._dependants = True
