@@ -259,6 +259,25 @@ async def test_timezones_and_dst_through_the_queue(queue_url: str) -> None:
     ]
 
 
+async def test_a_fall_back_day_fires_once_through_the_queue(queue_url: str) -> None:
+    """Across the night Madrid repeats 02:00-03:00, a 02:30 schedule enqueues one job."""
+    clock = Clock(datetime(2026, 10, 24, 12, tzinfo=MADRID))
+    queue, report = hourly_queue(queue_url, clock)
+    async with queue:
+        await queue.schedule(
+            "madrid", "30 2 * * *", report, "eu", timezone="Europe/Madrid", misfire="run_all"
+        )
+        for _ in range(8):  # through the night in steps, the firing loop runs in between
+            await advance_and_settle(queue, clock, "madrid", hours=2)
+        await advance_and_settle(queue, clock, "madrid", hours=24)
+        jobs = await scheduled_jobs(queue)
+    # Compared as instants: an aware time in a repeated hour never equals one of another zone.
+    assert sorted(job.run_at.timestamp() for job in jobs) == [
+        datetime(2026, 10, 25, 2, 30, tzinfo=MADRID).timestamp(),
+        datetime(2026, 10, 26, 2, 30, tzinfo=MADRID).timestamp(),
+    ]
+
+
 async def test_a_restarted_queue_picks_up_its_schedules(tmp_path: Path) -> None:
     """Schedules outlive the process: a new queue on the same store fires the missed time."""
     clock = Clock()
