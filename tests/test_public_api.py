@@ -41,11 +41,14 @@ def test_abc_exports_the_store_protocol() -> None:
     """Store implementers find the protocol and its records in flexq.abc."""
     assert set(flexq.abc.__all__) == {
         "ClaimedJob",
+        "DependentJob",
         "EnqueueResult",
         "EnqueueUnit",
         "JobFilter",
         "NewJob",
         "Outcome",
         "Recovered",
+        "ScheduleFiring",
+        "ScheduleRecord",
         "Store",
     }

@@ -16,6 +16,7 @@ from flexq._errors import JobTimeout as JobTimeout
 from flexq._errors import LimitExceeded as LimitExceeded
 from flexq._errors import NotHolding as NotHolding
 from flexq._errors import QueueClosed as QueueClosed
+from flexq._errors import ScheduleNotFound as ScheduleNotFound
 from flexq._errors import StoreError as StoreError
 from flexq._errors import UnknownTask as UnknownTask
 from flexq._errors import WaitTimeout as WaitTimeout
@@ -35,6 +36,8 @@ from flexq._models import Page as Page
 from flexq._models import Pause as Pause
 from flexq._models import PauseScope as PauseScope
 from flexq._models import QueueStatistics as QueueStatistics
+from flexq._models import ScheduleInfo as ScheduleInfo
+from flexq._models import ScheduleState as ScheduleState
 from flexq._queue import Queue as Queue
 from flexq._states import TRANSITIONS as TRANSITIONS
 from flexq._states import Kind as Kind
@@ -73,6 +76,9 @@ __all__ = [
     "Queue",
     "QueueClosed",
     "QueueStatistics",
+    "ScheduleInfo",
+    "ScheduleNotFound",
+    "ScheduleState",
     "State",
     "StoreError",
     "Task",

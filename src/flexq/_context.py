@@ -7,16 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from flexq._errors import LimitExceeded
+from flexq._errors import JobNotFound, LimitExceeded
 from flexq._serialize import dumps
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import datetime
 
     from flexq._models import JSON, JobId
     from flexq._queue import Queue
     from flexq._states import Kind
-    from flexq._store.base import ClaimedJob, OnDuplicate
+    from flexq._store.base import ClaimedJob, OnDuplicate, OnParentFailure
     from flexq._task import TaskRef
 
 
@@ -91,8 +92,13 @@ class Context:
         key: str | None = None,
         on_duplicate: OnDuplicate = "raise",
         kwargs: dict[str, JSON] | None = None,
+        depends_on: Sequence[JobId] | None = None,
+        on_parent_failure: OnParentFailure = "abort",
     ) -> JobId:
         """Enqueue a child job (this job's tenant unless told otherwise); see Queue.enqueue.
+
+        With ``depends_on`` the child also waits for those jobs (a fan-in of jobs this one
+        fanned out, say); its ``parent_id`` is still this job.
 
         Raises:
             LimitExceeded: this run enqueued ``max_children_per_run`` jobs already (see
@@ -106,6 +112,13 @@ class Context:
             )
         self.children_enqueued += 1  # before the await: concurrent calls count too
         try:
+            if depends_on is not None:
+                return await self._queue._enqueue_dependent_one(
+                    task, args, kwargs,
+                    tenant=self.tenant if tenant is None else tenant, priority=priority,
+                    delay=delay, run_at=run_at, key=key, parent_id=self.job_id,
+                    depends_on=depends_on, on_parent_failure=on_parent_failure,
+                )  # fmt: skip
             return await self._queue._enqueue_one(
                 task,
                 args,
@@ -121,6 +134,18 @@ class Context:
         except BaseException:
             self.children_enqueued -= 1
             raise
+
+    async def previous_result(self) -> JSON:
+        """The result of the job's parent: in a chain (:meth:`Queue.enqueue_chain`), the
+        step before this one. None if the job has no parent, or the parent kept no result
+        (a future, a handler that returned None, or a parent pruned after retention)."""
+        if self.parent_id is None:
+            return None
+        try:
+            parent = await self._queue._store.get(self.parent_id)
+        except JobNotFound:
+            return None
+        return parent.result
 
     async def set_progress(self, progress: JSON) -> None:
         """Record how far the job got (any JSON value); visible as ``JobInfo.progress``."""

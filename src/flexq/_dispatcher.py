@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
 
     from flexq._fairness import DeficitRoundRobin
+    from flexq._models import JobId
     from flexq._runner import Runner
     from flexq._store.base import Store
     from flexq._throttle import LoadMonitor
@@ -61,6 +62,7 @@ class Dispatcher:
         self._stopped = False
         self._suspects = False
         self._isolating = False
+        self._reserved: list[JobId] = []
 
     def notify(self, tenants: Iterable[str] = (), run_at: float | None = None) -> None:
         """Tell the dispatcher about new ready work (tenants) or a job waiting until ``run_at``."""
@@ -82,6 +84,12 @@ class Dispatcher:
             self._suspects = False  # the next poll looks again
             self.poll_now()
 
+    def run_reserved(self, job_ids: Iterable[JobId]) -> None:
+        """Claim these jobs at once on the reserved workers, ahead of every tenant's turn and
+        while the host is busy (the jobs of ``reserve=True`` schedules)."""
+        self._reserved.extend(job_ids)
+        self._wake.set()
+
     def stop(self) -> None:
         """Claim nothing more."""
         self._stopped = True
@@ -93,6 +101,11 @@ class Dispatcher:
             await self._sleep()
             if self._stopped:
                 return
+            if self._reserved:
+                try:
+                    await self._claim_reserved()
+                except Exception as exc:
+                    log.error("claiming reserved jobs failed", error=repr(exc))
             if self._monitor.overloaded:
                 with anyio.move_on_after(self._poll_interval):
                     await self._monitor.wait_until_clear()
@@ -149,6 +162,21 @@ class Dispatcher:
                     self._fairness.discard(tenant)
             jobs.sort(key=lambda job: job.order)
             self._runner.submit(jobs)
+
+    async def _claim_reserved(self) -> None:
+        """Claim the jobs :meth:`run_reserved` names, as many as reserved workers are free.
+
+        The others stay QUEUED for their turn. A suspect being isolated keeps them waiting too.
+        """
+        job_ids, self._reserved = self._reserved, []
+        free = self._runner.reserved_free
+        if not free or ((self._isolating or self._suspects) and self._runner.in_flight):
+            return
+        now = self._clock()
+        jobs = await self._store.claim_jobs(
+            self._owner, job_ids[:free], self._tasks, now, now + self._lease
+        )
+        self._runner.submit(jobs)
 
     async def _run_suspect(self) -> bool:
         """Claim a job whose worker died while running it, to run on its own."""

@@ -181,3 +181,36 @@ class Call:
     def __repr__(self) -> str:
         name = self.task if isinstance(self.task, str) else getattr(self.task, "name", self.task)
         return f"Call({name!r}, args={self.args!r}, kwargs={self.kwargs!r})"
+
+
+class ScheduleState(enum.StrEnum):
+    """Whether a schedule fires."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A snapshot of one cron schedule (the platform's CronTrigger and CronJobDetail)."""
+
+    name: str
+    tenant: str
+    cron: str
+    timezone: str
+    task: str
+    args: tuple[JSON, ...]
+    kwargs: Mapping[str, JSON]
+    state: ScheduleState
+    misfire: str
+    """``"skip"``, ``"run_once"`` or ``"run_all"``: what happens to fire times missed while no
+    process ran the schedule."""
+    reserve: bool
+    """Whether its jobs start on a worker kept free for them (``Queue(reserved_workers=...)``)."""
+    previous_fire_time: datetime | None
+    """The latest fire time that enqueued a job, in the schedule's time zone."""
+    next_fire_time: datetime | None
+    """When it fires next, in the schedule's time zone (None: the expression has no more)."""
+    times_triggered: int
+    """How many jobs it has enqueued."""
+    last_job_id: JobId | None

@@ -20,6 +20,7 @@ from flexq._errors import (
     FlexqError,
     InvalidArguments,
     QueueClosed,
+    ScheduleNotFound,
     UnknownTask,
     WaitTimeout,
 )
@@ -27,11 +28,30 @@ from flexq._explain import Explanation, LocalFacts, explain
 from flexq._fairness import DeficitRoundRobin
 from flexq._flex import FlexQueue
 from flexq._limits import Limits, LimitTable, LimitUsage
-from flexq._models import Call, JobInfo, Page, Pause, PauseScope, QueueStatistics
+from flexq._models import (
+    Call,
+    JobInfo,
+    Page,
+    Pause,
+    PauseScope,
+    QueueStatistics,
+    ScheduleInfo,
+    ScheduleState,
+)
 from flexq._runner import Runner
+from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, schedule_info
 from flexq._serialize import dumps
 from flexq._states import Kind, State
-from flexq._store.base import EnqueueResult, EnqueueUnit, JobFilter, NewJob, OnDuplicate, Store
+from flexq._store.base import (
+    DependentJob,
+    EnqueueResult,
+    EnqueueUnit,
+    JobFilter,
+    NewJob,
+    OnDuplicate,
+    ScheduleRecord,
+    Store,
+)
 from flexq._store.url import store_from_url
 from flexq._task import Handler, Task, TaskRef, check_priority, make_task
 from flexq._throttle import LoadMonitor
@@ -42,7 +62,8 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from flexq._models import JSON, JobId
-    from flexq._store.base import Outcome
+    from flexq._schedules import Misfire
+    from flexq._store.base import OnParentFailure, Outcome
 
 R = TypeVar("R")
 R2 = TypeVar("R2")
@@ -113,6 +134,8 @@ class Queue:
             children per run); every process sharing a store should use the same.
         tenant_limits: limits of particular tenants, overriding ``limits``.
         clock: the time source (epoch seconds) for timestamps; tests may replace it.
+        reserved_workers: extra workers kept free for the jobs of schedules made with
+            ``reserve=True``; no other job runs on them.
     """
 
     def __init__(
@@ -133,12 +156,14 @@ class Queue:
         limits: Limits | None = None,
         tenant_limits: Mapping[str, Limits] | None = None,
         clock: Callable[[], float] = time.time,
+        reserved_workers: int = 1,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
         )
         _check_count("workers", workers, 1)
         _check_count("max_lease_expiries", max_lease_expiries, 1)
+        _check_count("reserved_workers", reserved_workers, 0)
         for name, value in (
             ("lease", lease), ("poll_interval", poll_interval), ("retention", retention_seconds),
             ("prune_interval", prune_interval),
@@ -158,6 +183,7 @@ class Queue:
         self.prune_interval = prune_interval
         self.backoff = backoff or Backoff()
         self.max_lease_expiries = max_lease_expiries
+        self.reserved_workers = reserved_workers
         self._weights = dict(weights or {})
         DeficitRoundRobin(self._weights)  # validates the weights now, not when the queue opens
         self._max_loop_lag = max_loop_lag
@@ -175,6 +201,10 @@ class Queue:
         self._runner: Runner | None = None
         self._monitor: LoadMonitor | None = None
         self._upkeep: Upkeep | None = None
+        self._scheduler: Scheduler | None = None
+        self._dependants = False
+        """Whether this process enqueued jobs that wait for others: then a job that ends may
+        release some, and the dispatcher looks for them at once."""
 
     def __repr__(self) -> str:
         return f"<flexq.Queue {self._store!r} workers={self.workers}>"
@@ -362,6 +392,7 @@ class Queue:
             workers=self.workers, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
             on_batch_ended=self._batch_ended, on_batch_checkpoint=self._batch_checkpointed,
+            reserved=self.reserved_workers,
         )  # fmt: skip
         dispatcher = Dispatcher(
             store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
@@ -396,6 +427,11 @@ class Queue:
         group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
+        self._scheduler = Scheduler(
+            store=self._store, tasks=self._tasks, clock=self._clock,
+            poll_interval=self.poll_interval, new_id=new_job_id, on_fired=self._schedule_fired,
+        )  # fmt: skip
+        group.start_soon(self._scheduler.run)
 
     @staticmethod
     async def _dispatch(dispatcher: Dispatcher, done: anyio.Event) -> None:
@@ -415,6 +451,7 @@ class Queue:
                 await runner.drain(self.grace_period)
         finally:
             self._group = None
+            self._scheduler = None
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
 
@@ -435,6 +472,8 @@ class Queue:
         for outcome in outcomes:
             if outcome.state.is_final:
                 self._job_finished(outcome.job_id)
+                if self._dependants and self._dispatcher is not None:
+                    self._dispatcher.poll_now()
             elif outcome.release or self._dispatcher is None:
                 continue
             elif outcome.state is State.SCHEDULED:
@@ -471,6 +510,8 @@ class Queue:
         key: str | None = None,
         on_duplicate: OnDuplicate = "raise",
         kwargs: Mapping[str, JSON] | None = None,
+        depends_on: Sequence[JobId] | None = None,
+        on_parent_failure: OnParentFailure = "abort",
     ) -> JobId:
         """Store a job durably and return its id; a worker runs it when its turn comes.
 
@@ -485,6 +526,12 @@ class Queue:
                 enqueue raises :class:`DuplicateJob` (or returns its id if ``on_duplicate`` is
                 ``"return"``).
             kwargs: keyword arguments for the handler (JSON values).
+            depends_on: ids of jobs (its parents) that must all be COMPLETED before this one
+                may run; until then it is WAITING. It becomes QUEUED (or SCHEDULED until
+                ``run_at``/``delay``) in the transaction that completes its last parent.
+            on_parent_failure: what a parent that ends FAILED or ABORTED does to this job:
+                ``"abort"`` (the default) aborts it, with an error naming the parent;
+                ``"run"`` lets it run once its other parents are done.
 
         Raises:
             UnknownTask: the task is not registered with this queue.
@@ -492,10 +539,17 @@ class Queue:
                 matching the handler's signature...).
             DuplicateJob: ``key`` is taken by an unfinished job and ``on_duplicate`` is
                 ``"raise"``.
+            JobNotFound: a job in ``depends_on`` does not exist.
             QueueClosed: the queue is not open.
 
         Nothing is written when it raises.
         """
+        if depends_on is not None:
+            return await self._enqueue_dependent_one(
+                task, args, kwargs, tenant=tenant, priority=priority, delay=delay,
+                run_at=run_at, key=key, parent_id=None, depends_on=depends_on,
+                on_parent_failure=on_parent_failure,
+            )  # fmt: skip
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
             key=key, on_duplicate=on_duplicate, parent_id=None,
@@ -853,6 +907,239 @@ class Queue:
         )
         return explain(facts, local)
 
+    # -- schedules --------------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        name: str,
+        cron: str,
+        task: TaskRef,
+        *args: JSON,
+        tenant: str | None = None,
+        timezone: str = "UTC",
+        misfire: Misfire = DEFAULT_MISFIRE,
+        reserve: bool = False,
+        kwargs: Mapping[str, JSON] | None = None,
+    ) -> ScheduleInfo:
+        """Create the cron schedule ``name``, or update it: each fire time enqueues one job.
+
+        Calling it again with the same name updates the schedule in place (tenant, task,
+        arguments, expression, zone, misfire policy) without losing its state or history, so
+        an application may declare its schedules at every start. The next fire time is kept
+        unless the expression or the zone changed. Jobs are of kind ``scheduled``; their
+        ``run_at`` is the fire time they stand for.
+
+        Args:
+            name: the schedule's unique name.
+            cron: five fields (minute hour day month weekday), or six with seconds first
+                (``"*/5 * * * * *"``: every five seconds).
+            task: the task object or its registered name.
+            args: positional arguments for every job (JSON values).
+            tenant: whose jobs they are (default ``"default"``).
+            timezone: the IANA zone the expression reads its wall clock in.
+            misfire: what happens to fire times missed while no process ran the schedule
+                (it was down, say): ``"run_once"`` (the default) enqueues one catch-up job,
+                ``"run_all"`` one job per missed time (at most 100), ``"skip"`` none, except
+                for a time less than a minute late.
+            reserve: guarantee capacity: the job starts on one of the queue's
+                ``reserved_workers`` (kept free for such jobs) as soon as it is enqueued,
+                ahead of every tenant's turn, even when all ``workers`` are busy and the
+                host is throttled. It starts within a few store round trips of its fire time
+                in the process that fires it, while fewer than ``reserved_workers`` reserved
+                jobs run there.
+            kwargs: keyword arguments for every job (JSON values).
+
+        Raises:
+            InvalidArguments: the expression, zone, policy, name or arguments are not valid.
+            UnknownTask: the task is not registered with this queue.
+        """
+        self._check_open()
+        if not _is_text(name, 256):
+            raise InvalidArguments(f"a schedule name is a non-empty string (<= 256): {name!r}")
+        spec = self._resolve(task)
+        options = self._options(tenant, None, None, None, None, self._clock())
+        policy = check_misfire(misfire)
+        if not isinstance(reserve, bool):
+            raise InvalidArguments(f"reserve must be True or False, not {reserve!r}")
+        times = Cron(cron, timezone)
+        next_fire_time = times.next_after(self._clock())
+        if next_fire_time is None:
+            raise InvalidArguments(f"the cron expression {cron!r} never fires")
+        spec.check_arguments(args, kwargs or {})
+        record = ScheduleRecord(
+            name=name, tenant=options.tenant, cron=times.expression, timezone=timezone,
+            task=spec.name, args=dumps(args, "task arguments"),
+            kwargs=dumps(kwargs or {}, "task keyword arguments"), misfire=policy, reserve=reserve,
+            state=ScheduleState.ACTIVE, next_fire_time=next_fire_time,
+        )  # fmt: skip
+        stored = await self._store.put_schedule(record, self._clock())
+        if self._scheduler is not None:
+            self._scheduler.wake()
+        return schedule_info(stored)
+
+    async def schedules(self, *, tenant: str | None = None) -> list[ScheduleInfo]:
+        """Every schedule (of ``tenant``, if given), by name."""
+        self._check_open()
+        return [schedule_info(record) for record in await self._store.list_schedules(tenant)]
+
+    async def get_schedule(self, name: str) -> ScheduleInfo:
+        """The schedule named ``name``.
+
+        Raises:
+            ScheduleNotFound: there is none.
+        """
+        self._check_open()
+        return schedule_info(await self._stored_schedule(name))
+
+    async def pause_schedule(self, name: str) -> ScheduleInfo:
+        """Stop a schedule from firing until :meth:`resume_schedule`.
+
+        Raises:
+            ScheduleNotFound: there is no schedule of that name.
+        """
+        return await self._set_schedule_state(name, ScheduleState.PAUSED)
+
+    async def resume_schedule(self, name: str) -> ScheduleInfo:
+        """Let a paused schedule fire again, from its next fire time after now: the times it
+        missed while paused are not caught up.
+
+        Raises:
+            ScheduleNotFound: there is no schedule of that name.
+        """
+        return await self._set_schedule_state(name, ScheduleState.ACTIVE)
+
+    async def unschedule(self, name: str) -> bool:
+        """Delete a schedule (its jobs stay); return whether it existed."""
+        self._check_open()
+        return await self._store.delete_schedule(name)
+
+    async def _stored_schedule(self, name: str) -> ScheduleRecord:
+        record = await self._store.get_schedule(name)
+        if record is None:
+            raise ScheduleNotFound(name)
+        return record
+
+    async def _set_schedule_state(self, name: str, state: ScheduleState) -> ScheduleInfo:
+        self._check_open()
+        while True:
+            record = await self._stored_schedule(name)
+            if record.state == state:
+                return schedule_info(record)
+            next_fire_time = record.next_fire_time
+            if state is ScheduleState.ACTIVE:
+                next_fire_time = Cron(record.cron, record.timezone).next_after(self._clock())
+            stored = await self._store.set_schedule_state(
+                name, record.revision, state, next_fire_time
+            )
+            if stored is not None:
+                if self._scheduler is not None:
+                    self._scheduler.wake()
+                return schedule_info(stored)
+
+    def _schedule_fired(self, jobs: list[NewJob], reserve: bool) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.notify({job.tenant for job in jobs})
+            if reserve:
+                self._dispatcher.run_reserved(job.id for job in jobs)
+
+    # -- chains and dependencies ------------------------------------------------------------
+
+    async def enqueue_chain(
+        self,
+        calls: Sequence[Call],
+        *,
+        tenant: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        depends_on: Sequence[JobId] = (),
+    ) -> list[JobId]:
+        """Enqueue calls that run one after another, each once the one before COMPLETED.
+
+        Each step is a child of the step before (``parent_id``), waits for it (WAITING), and
+        can read its result with :meth:`Context.previous_result`. If a step ends FAILED or
+        ABORTED, the steps after it end ABORTED. The first step waits for the jobs in
+        ``depends_on`` (a fan-in), as :meth:`enqueue` does. All steps are written in one
+        transaction. Options given here apply to every step unless a call sets its own with
+        :meth:`Call.with_options` (``delay``/``run_at`` hold a step back after its turn
+        comes; keys are not allowed). Returns the ids in order.
+
+        Raises:
+            JobNotFound: a job in ``depends_on`` does not exist.
+        """
+        self._check_open()
+        first_parents = _parent_ids(depends_on)
+        now = self._clock()
+        shared = self._options(tenant, priority, delay, run_at, None, now)
+        steps: list[DependentJob] = []
+        for call in calls:
+            if not isinstance(call, Call):
+                raise InvalidArguments(f"enqueue_chain takes flexq.Call objects, not {call!r}")
+            options = shared
+            if call.options:
+                if "key" in call.options:
+                    raise InvalidArguments("the steps of a chain cannot have keys")
+                merged = {"tenant": tenant, "priority": priority, "delay": delay,
+                          "run_at": run_at, "key": None, **call.options}  # fmt: skip
+                options = self._options(now=now, **merged)
+            parent = steps[-1].job.id if steps else None
+            job = self._new_job(self._resolve(call.task), call.args, call.kwargs, options, parent)
+            steps.append(DependentJob(job, first_parents if parent is None else (parent,)))
+        if not steps:
+            return []
+        return await self._submit_dependent(steps)
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        """The job's whole chain: its ancestors and descendants by ``parent_id`` (children
+        enqueued through :meth:`Context.enqueue`, steps of :meth:`enqueue_chain`), oldest first.
+
+        Raises:
+            JobNotFound: no job has this id.
+        """
+        self._check_open()
+        return await self._store.chain(job_id)
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        """The parents a WAITING job still waits for (empty once it is released).
+
+        Raises:
+            JobNotFound: no job has this id.
+        """
+        self._check_open()
+        return await self._store.waiting_for(job_id)
+
+    async def _enqueue_dependent_one(
+        self,
+        task: TaskRef,
+        args: tuple[JSON, ...],
+        kwargs: Mapping[str, JSON] | None,
+        *,
+        tenant: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        key: str | None,
+        parent_id: JobId | None,
+        depends_on: Sequence[JobId],
+        on_parent_failure: OnParentFailure,
+    ) -> JobId:
+        self._check_open()
+        if key is not None:
+            raise InvalidArguments("a job with depends_on cannot have a key")
+        policy = _check_on_parent_failure(on_parent_failure)
+        parents = _parent_ids(depends_on)
+        options = self._options(tenant, priority, delay, run_at, None, self._clock())
+        job = self._new_job(self._resolve(task), args, kwargs or {}, options, parent_id)
+        (job_id,) = await self._submit_dependent([DependentJob(job, parents, policy)])
+        return job_id
+
+    async def _submit_dependent(self, jobs: list[DependentJob]) -> list[JobId]:
+        self._dependants = True
+        ids = await self._store.enqueue_dependent(jobs, self._clock())
+        if self._dispatcher is not None:
+            self._dispatcher.notify({dependent.job.tenant for dependent in jobs})
+        return ids
+
 
 def _task_name(task: TaskRef) -> str:
     named = getattr(task, "__flexq_task__", task)
@@ -881,6 +1168,23 @@ def _is_text(value: object, max_length: int) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _parent_ids(depends_on: Sequence[JobId]) -> tuple[JobId, ...]:
+    if isinstance(depends_on, str):
+        raise InvalidArguments("depends_on is a list of job ids, not one id")
+    parents = tuple(dict.fromkeys(depends_on))
+    if not all(isinstance(parent, str) for parent in parents):
+        raise InvalidArguments(f"depends_on must hold job ids (strings): {depends_on!r}")
+    return parents
+
+
+def _check_on_parent_failure(policy: object) -> OnParentFailure:
+    if policy == "abort":
+        return "abort"
+    if policy == "run":
+        return "run"
+    raise InvalidArguments(f"on_parent_failure must be 'abort' or 'run', not {policy!r}")
 
 
 def _check_on_duplicate(on_duplicate: object) -> None:

@@ -79,12 +79,15 @@ class Runner:
         on_written: Callable[[list[Outcome]], None],
         on_batch_ended: Callable[[], None],
         on_batch_checkpoint: Callable[[], None],
+        reserved: int = 0,
     ) -> None:
         self._queue = queue
         self._store = store
         self._owner = owner
         self._tasks = tasks
         self.workers = workers
+        self.reserved = reserved
+        """Extra workers that only jobs handed over by :meth:`Dispatcher.run_reserved` reach."""
         self._backoff = backoff
         self._clock = clock
         self._on_slot_free = on_slot_free
@@ -107,7 +110,12 @@ class Runner:
     @property
     def free_slots(self) -> int:
         """Workers that have no job, counting jobs already handed over as taken."""
-        return self.workers - self._in_flight
+        return max(self.workers - self._in_flight, 0)
+
+    @property
+    def reserved_free(self) -> int:
+        """Reserved workers that have no job (other jobs never take more than ``workers``)."""
+        return min(self.reserved, self.workers + self.reserved - self._in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -142,7 +150,7 @@ class Runner:
         """Run the workers and the reporter until cancelled."""
         try:
             async with anyio.create_task_group() as group:
-                for _ in range(self.workers):
+                for _ in range(self.workers + self.reserved):
                     group.start_soon(self._work)
                 group.start_soon(self._report_forever)
                 task_status.started()

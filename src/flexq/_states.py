@@ -12,6 +12,8 @@ class State(enum.StrEnum):
 
     SCHEDULED = "SCHEDULED"
     """Waiting for its ``run_at`` time (a delayed job, or a retry after backoff)."""
+    WAITING = "WAITING"
+    """Waiting for the jobs it depends on (``depends_on``, a step of a chain) to complete."""
     HOLDING = "HOLDING"
     """A batch job waiting in the tenant's holding queue."""
     QUEUED = "QUEUED"
@@ -54,6 +56,7 @@ RUNNING_STATES = frozenset({State.PREPARING, State.PROCESSING})
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCHEDULED: frozenset({State.QUEUED, State.ABORTED}),
+    State.WAITING: frozenset({State.QUEUED, State.SCHEDULED, State.ABORTED}),
     State.HOLDING: frozenset({State.QUEUED, State.ABORTED}),
     State.QUEUED: frozenset({State.PREPARING, State.PROCESSING, State.ABORTED}),
     State.PREPARING: frozenset(
@@ -67,7 +70,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.ABORTED: frozenset(),
 }
 """Every legal move. A running job goes back to QUEUED (lease lost, shutdown) or SCHEDULED
-(retry after a backoff); nothing leaves a final state."""
+(retry after a backoff); a WAITING job becomes QUEUED (or SCHEDULED, until its ``run_at``) when
+its last parent completes, or ABORTED when a parent fails; nothing leaves a final state."""
 
 
 def check_transition(source: State, target: State, job_id: str | None = None) -> None:

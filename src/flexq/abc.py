@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from flexq._store.base import ClaimedJob as ClaimedJob
+from flexq._store.base import DependentJob as DependentJob
 from flexq._store.base import EnqueueResult as EnqueueResult
 from flexq._store.base import EnqueueUnit as EnqueueUnit
 from flexq._store.base import JobFilter as JobFilter
 from flexq._store.base import NewJob as NewJob
 from flexq._store.base import Outcome as Outcome
 from flexq._store.base import Recovered as Recovered
+from flexq._store.base import ScheduleFiring as ScheduleFiring
+from flexq._store.base import ScheduleRecord as ScheduleRecord
 from flexq._store.base import Store as Store
 
 __all__ = [
     "ClaimedJob",
+    "DependentJob",
     "EnqueueResult",
     "EnqueueUnit",
     "JobFilter",
     "NewJob",
     "Outcome",
     "Recovered",
+    "ScheduleFiring",
+    "ScheduleRecord",
     "Store",
 ]

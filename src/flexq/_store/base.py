@@ -339,6 +339,87 @@ class Store(Protocol):
     async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
         """The job's counts and (chunk index, JSON error) of each failed chunk."""
 
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        """Insert a schedule, or update the one with its name; return it as stored.
+
+        An update takes the new tenant, task, arguments, expression, zone, misfire policy and
+        reserve flag, and keeps the state and history (previous fire time, times triggered,
+        last job). It keeps ``next_fire_time`` too unless the expression or the zone changed.
+        Every change bumps ``revision``.
+        """
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        """The schedule with this name, if any."""
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        """Every schedule (of ``tenant``, if given), by name."""
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        """Active schedules of ``tasks`` whose ``next_fire_time`` is at or before ``now``, and
+        the earliest ``next_fire_time`` after ``now`` of the other active ones."""
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        """Advance an active schedule and insert its jobs, in one transaction.
+
+        Does nothing and returns False unless the schedule is active and still at
+        ``revision`` (another process fired or changed it first).
+        """
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        """Pause or resume a schedule that is still at ``revision``; None if it is not."""
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Remove a schedule; return whether it existed. Its jobs stay."""
+
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        """Insert jobs that wait for parents, all in one transaction, or none.
+
+        A parent is an existing job or one earlier in ``jobs``. A job whose parents have all
+        COMPLETED enters QUEUED (or SCHEDULED); one with a parent not final enters WAITING; one
+        with a FAILED or ABORTED parent ends ABORTED at once, unless its ``on_parent_failure``
+        is ``"run"``. Raises JobNotFound (naming the parent) for an unknown parent.
+
+        Whenever a job reaches a final state, the same transaction releases its dependants:
+        a dependant whose last unfinished parent COMPLETED becomes QUEUED (or SCHEDULED), and
+        one whose parent ended FAILED or ABORTED ends ABORTED with an error naming that parent
+        (and so on down its own dependants), unless its ``on_parent_failure`` is ``"run"``.
+        """
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        """The parents a WAITING job still waits for."""
+
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        """Move these jobs to PROCESSING, those that are QUEUED (suspects aside) and of
+        ``tasks``, unless paused: what :meth:`claim` takes, by id instead of by turn."""
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        """The job, its ancestors and its descendants by ``parent_id``, in creation order.
+
+        Raises JobNotFound.
+        """
+
 
 ACTIVE_BATCH_STATES = frozenset({State.QUEUED, State.SCHEDULED, State.PREPARING, State.PROCESSING})
 """States in which a batch job holds one of its tenant's active slots."""
@@ -454,4 +535,61 @@ def job_info(
             batch.progress() if batch is not None else None if progress is None else loads(progress)
         ),
         abort_requested=bool(abort_requested),
+    )
+
+
+class ScheduleRecord(NamedTuple):
+    """A stored cron schedule, serialized."""
+
+    name: str
+    tenant: str
+    cron: str
+    timezone: str
+    task: str
+    args: str
+    """JSON list."""
+    kwargs: str
+    """JSON object."""
+    misfire: str
+    reserve: bool
+    """Whether its jobs run on a worker kept for them (``reserved_workers``)."""
+    state: str
+    """``"active"`` or ``"paused"``."""
+    next_fire_time: float | None
+    previous_fire_time: float | None = None
+    times_triggered: int = 0
+    last_job_id: JobId | None = None
+    revision: int = 0
+    """Bumped by every change, so that a firing can tell it read the latest version."""
+    created_at: float = 0.0
+
+
+class ScheduleFiring(NamedTuple):
+    """How one firing advances a schedule (the job count comes from the jobs inserted)."""
+
+    next_fire_time: float | None
+    previous_fire_time: float | None
+    """The latest fire time that got a job; None if the firing enqueued nothing."""
+    last_job_id: JobId | None
+
+
+OnParentFailure = Literal["abort", "run"]
+
+
+class DependentJob(NamedTuple):
+    """A job to insert that waits for other jobs (its parents) to complete."""
+
+    job: NewJob
+    parents: tuple[JobId, ...]
+    on_parent_failure: OnParentFailure = "abort"
+
+
+def parent_failed_error(parent_id: JobId, parent_state: State, now: float) -> dict[str, object]:
+    """The error recorded on a job aborted because a job it depends on did not complete."""
+    return error_record(
+        "flexq.ParentFailed",
+        f"job {parent_id!r}, which this job depends on, ended {parent_state}",
+        "",
+        0,
+        now,
     )

@@ -19,18 +19,23 @@ from flexq._store.base import (
     BatchCounts,
     ChunkDone,
     ClaimedJob,
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
     NewJob,
+    OnParentFailure,
     Outcome,
     Placement,
     Recovered,
+    ScheduleFiring,
+    ScheduleRecord,
     WaitFacts,
     checked_outcomes,
     holding_full,
     job_info,
     lease_error,
+    parent_failed_error,
 )
 
 if TYPE_CHECKING:
@@ -111,6 +116,13 @@ class MemoryStore:
         self._holding: dict[str, list[JobId]] = {}
         self._active: dict[str, int] = {}
         self._limits = LimitTable()
+        self._schedules: dict[str, ScheduleRecord] = {}
+        self._children: dict[JobId, dict[JobId, OnParentFailure]] = {}
+        """Parent -> its WAITING dependants and what they do if it does not complete."""
+        self._parents: dict[JobId, set[JobId]] = {}
+        """WAITING job -> the parents it still waits for."""
+        self._finished: list[tuple[JobId, State]] = []
+        self._releasing = False
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -148,6 +160,7 @@ class MemoryStore:
         row.lease_owner = None
         if row.job.key is not None and self._keys.get((row.job.tenant, row.job.key)) == row.job.id:
             del self._keys[(row.job.tenant, row.job.key)]
+        self._release_dependants(row.job.id, state, now)
 
     def _held(self, owner: str, job_id: JobId) -> _Row | None:
         row = self._rows.get(job_id)
@@ -600,6 +613,229 @@ class MemoryStore:
         batch = row.batch or _Batch()
         errors = sorted((d.chunk, d.error) for d in batch.done.values() if d.error is not None)
         return batch.counts(), errors
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        await anyio.lowlevel.checkpoint()
+        old = self._schedules.get(schedule.name)
+        if old is None:
+            stored = schedule._replace(revision=1, created_at=now)
+        else:
+            same_times = (old.cron, old.timezone) == (schedule.cron, schedule.timezone)
+            stored = schedule._replace(
+                state=old.state,
+                next_fire_time=old.next_fire_time if same_times else schedule.next_fire_time,
+                previous_fire_time=old.previous_fire_time,
+                times_triggered=old.times_triggered,
+                last_job_id=old.last_job_id,
+                revision=old.revision + 1,
+                created_at=old.created_at,
+            )
+        self._schedules[schedule.name] = stored
+        return stored
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        await anyio.lowlevel.checkpoint()
+        return self._schedules.get(name)
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        await anyio.lowlevel.checkpoint()
+        return [
+            record
+            for _, record in sorted(self._schedules.items())
+            if tenant is None or record.tenant == tenant
+        ]
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        await anyio.lowlevel.checkpoint()
+        due: list[ScheduleRecord] = []
+        later: float | None = None
+        for record in self._schedules.values():
+            moment = record.next_fire_time
+            if record.state != "active" or moment is None:
+                continue
+            if moment <= now:
+                if record.task in tasks:
+                    due.append(record)
+            elif later is None or moment < later:
+                later = moment
+        due.sort(key=lambda record: (record.next_fire_time, record.name))
+        return due, later
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        record = self._schedules.get(name)
+        if record is None or record.revision != revision or record.state != "active":
+            return False
+        self._schedules[name] = record._replace(
+            next_fire_time=firing.next_fire_time,
+            previous_fire_time=record.previous_fire_time
+            if firing.previous_fire_time is None
+            else firing.previous_fire_time,
+            times_triggered=record.times_triggered + len(jobs),
+            last_job_id=record.last_job_id if firing.last_job_id is None else firing.last_job_id,
+            revision=revision + 1,
+        )
+        if jobs:
+            self._enqueue_unit(EnqueueUnit(jobs, "raise"), now)
+        return True
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        await anyio.lowlevel.checkpoint()
+        record = self._schedules.get(name)
+        if record is None or record.revision != revision:
+            return None
+        stored = record._replace(state=state, next_fire_time=next_fire_time, revision=revision + 1)
+        self._schedules[name] = stored
+        return stored
+
+    async def delete_schedule(self, name: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return self._schedules.pop(name, None) is not None
+
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        await anyio.lowlevel.checkpoint()
+        known = set(self._rows)
+        for dependent in jobs:
+            for parent in dependent.parents:
+                if parent not in known:
+                    raise JobNotFound(parent)
+            known.add(dependent.job.id)
+        for dependent in jobs:
+            self._insert_dependent(dependent, now)
+        return [dependent.job.id for dependent in jobs]
+
+    def _insert_dependent(self, dependent: DependentJob, now: float) -> None:
+        job = dependent.job
+        waiting: set[JobId] = set()
+        failed: _Row | None = None
+        for parent_id in dependent.parents:
+            parent = self._rows[parent_id]
+            if not parent.state.is_final:
+                waiting.add(parent_id)
+            elif parent.state is not State.COMPLETED and dependent.on_parent_failure == "abort":
+                failed = failed or parent
+        state = State.QUEUED if job.run_at <= now else State.SCHEDULED
+        if failed is not None:
+            state = State.ABORTED
+        elif waiting:
+            state = State.WAITING
+        row = _Row(seq=next(self._seq), job=job, state=state, created_at=now, run_at=job.run_at)
+        self._rows[job.id] = row
+        if failed is not None:
+            row.errors.append(parent_failed_error(failed.job.id, failed.state, now))
+            row.finished_at = now
+        elif waiting:
+            self._parents[job.id] = waiting
+            for parent_id in waiting:
+                self._children.setdefault(parent_id, {})[job.id] = dependent.on_parent_failure
+        elif state is State.QUEUED:
+            self._make_ready(row)
+        else:
+            heapq.heappush(self._scheduled, (job.run_at, row.seq, job.id))
+
+    def _release_dependants(self, job_id: JobId, state: State, now: float) -> None:
+        """Release or abort the dependants of a job that just became final."""
+        self._finished.append((job_id, state))
+        if self._releasing:  # a dependant aborted below: its own dependants wait their turn
+            return
+        self._releasing = True
+        try:
+            while self._finished:
+                parent_id, parent_state = self._finished.pop()
+                self._parents.pop(parent_id, None)
+                for child_id, policy in self._children.pop(parent_id, {}).items():
+                    self._release_child(child_id, parent_id, parent_state, policy, now)
+        finally:
+            self._releasing = False
+
+    def _release_child(
+        self,
+        child_id: JobId,
+        parent_id: JobId,
+        parent_state: State,
+        policy: OnParentFailure,
+        now: float,
+    ) -> None:
+        row = self._rows.get(child_id)
+        waiting = self._parents.get(child_id)
+        if row is None or row.state is not State.WAITING or waiting is None:
+            return
+        waiting.discard(parent_id)
+        if parent_state is not State.COMPLETED and policy == "abort":
+            for other in waiting:
+                self._children.get(other, {}).pop(child_id, None)
+            row.errors.append(parent_failed_error(parent_id, parent_state, now))
+            self._finish(row, State.ABORTED, now)
+        elif not waiting:
+            del self._parents[child_id]
+            target = State.QUEUED if row.run_at <= now else State.SCHEDULED
+            self._set_waiting(row, target, row.run_at)
+
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        await anyio.lowlevel.checkpoint()
+        runnable = self._runnable(tasks)
+        claimed = []
+        for job_id in job_ids:
+            row = self._rows.get(job_id)
+            if (
+                row is not None
+                and row.state is State.QUEUED
+                and not row.lease_expiries
+                and row.job.task in runnable
+                and (PauseScope.TENANT, row.job.tenant) not in self._pauses
+            ):
+                claimed.append(self._take(row, owner, now, lease_until))
+        return claimed
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        await anyio.lowlevel.checkpoint()
+        if job_id not in self._rows:
+            raise JobNotFound(job_id)
+        return sorted(self._parents.get(job_id, ()))
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        await anyio.lowlevel.checkpoint()
+        row = self._rows.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        found = {job_id: row}
+        parent = self._rows.get(row.job.parent_id) if row.job.parent_id else None
+        while parent is not None and parent.job.id not in found:
+            found[parent.job.id] = parent
+            parent = self._rows.get(parent.job.parent_id) if parent.job.parent_id else None
+        children: dict[JobId, list[_Row]] = {}
+        for other in self._rows.values():
+            if other.job.parent_id is not None:
+                children.setdefault(other.job.parent_id, []).append(other)
+        todo = [job_id]
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child.job.id not in found:
+                    found[child.job.id] = child
+                    todo.append(child.job.id)
+        return [r.info() for r in sorted(found.values(), key=lambda r: r.seq)]
 
 
 def _claimed(row: _Row) -> ClaimedJob:

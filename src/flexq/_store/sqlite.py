@@ -34,6 +34,7 @@ from flexq._store.base import (
     BatchCounts,
     ChunkDone,
     ClaimedJob,
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
@@ -41,11 +42,14 @@ from flexq._store.base import (
     Outcome,
     Placement,
     Recovered,
+    ScheduleFiring,
+    ScheduleRecord,
     WaitFacts,
     checked_outcomes,
     holding_full,
     job_info,
     lease_error,
+    parent_failed_error,
 )
 
 if TYPE_CHECKING:
@@ -132,6 +136,34 @@ CREATE TABLE IF NOT EXISTS flexq_chunks (
     error TEXT,
     PRIMARY KEY (job_id, idx)
 );
+CREATE TABLE IF NOT EXISTS flexq_schedules (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    cron TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    task TEXT NOT NULL,
+    args TEXT NOT NULL,
+    kwargs TEXT NOT NULL,
+    misfire TEXT NOT NULL,
+    reserve INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    next_fire_time REAL,
+    previous_fire_time REAL,
+    times_triggered INTEGER NOT NULL DEFAULT 0,
+    last_job_id TEXT,
+    revision INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flexq_schedules_due
+    ON flexq_schedules (next_fire_time) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS flexq_schedules_tenant ON flexq_schedules (tenant, name);
+CREATE TABLE IF NOT EXISTS flexq_dependencies (
+    parent_id TEXT NOT NULL,
+    child_id TEXT NOT NULL,
+    on_parent_failure TEXT NOT NULL,
+    PRIMARY KEY (parent_id, child_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flexq_dependencies_child ON flexq_dependencies (child_id);
 """
 
 _MIGRATIONS = {
@@ -571,6 +603,8 @@ class SQLiteStore:
                         written.append(job_id)
                         if kind == Kind.BATCH and state in FINAL_STATES:
                             freed.add(tenant)
+            if written and _has_dependencies(db):
+                _release_dependants(db, _final_states(db, written), now)
             for tenant in sorted(freed):
                 self._admit(db, tenant)
         return written
@@ -618,6 +652,10 @@ class SQLiteStore:
                 bucket.append(job_id)
                 if kind == Kind.BATCH and target.is_final:
                     freed.add(tenant)
+            if (recovered.failed or recovered.aborted) and _has_dependencies(db):
+                ended = [(job_id, State.FAILED) for job_id in recovered.failed]
+                ended += [(job_id, State.ABORTED) for job_id in recovered.aborted]
+                _release_dependants(db, ended, now)
             for tenant in sorted(freed):
                 self._admit(db, tenant)
         return recovered
@@ -662,6 +700,9 @@ class SQLiteStore:
                 " position = NULL WHERE id = ?",
                 (now, job_id),
             )
+            if _has_dependencies(db):
+                db.execute("DELETE FROM flexq_dependencies WHERE child_id = ?", (job_id,))
+                _release_dependants(db, [(job_id, State.ABORTED)], now)
             if row[1] == Kind.BATCH and state in ACTIVE_BATCH_STATES:
                 self._admit(db, row[2])
         return State.ABORTED
@@ -984,6 +1025,223 @@ class SQLiteStore:
         ).fetchall()
         return BatchCounts(bool(found[0]), *found[1:]), errors
 
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        return await self._run(self._put_schedule, schedule, now)
+
+    def _put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        values = (
+            schedule.name, schedule.tenant, schedule.cron, schedule.timezone, schedule.task,
+            schedule.args, schedule.kwargs, schedule.misfire, schedule.reserve, schedule.state,
+            schedule.next_fire_time, now,
+        )  # fmt: skip
+        with self._transaction() as db:
+            row = db.execute(
+                f"INSERT INTO flexq_schedules ({_SCHEDULE_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, NULL, 1, ?)"
+                " ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant,"
+                " task = excluded.task, args = excluded.args, kwargs = excluded.kwargs,"
+                " misfire = excluded.misfire, reserve = excluded.reserve, next_fire_time = CASE"
+                "  WHEN cron = excluded.cron AND timezone = excluded.timezone"
+                "  THEN next_fire_time ELSE excluded.next_fire_time END,"
+                " cron = excluded.cron, timezone = excluded.timezone, revision = revision + 1"
+                f" RETURNING {_SCHEDULE_COLUMNS}",
+                values,
+            ).fetchone()
+        return _schedule(row)
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        rows = await self._run(
+            self._select, f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules WHERE name = ?", (name,)
+        )
+        return _schedule(rows[0]) if rows else None
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        sql = f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules"
+        params: tuple[str, ...] = ()
+        if tenant is not None:
+            sql, params = sql + " WHERE tenant = ?", (tenant,)
+        sql += " ORDER BY name"
+        return [_schedule(row) for row in await self._run(self._select, sql, params)]
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        return await self._run(self._due_schedules, sorted(tasks), now)
+
+    def _due_schedules(
+        self, tasks: list[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        db = self._db
+        due = [
+            _schedule(row)
+            for row in db.execute(
+                f"SELECT {_SCHEDULE_COLUMNS} FROM flexq_schedules INDEXED BY flexq_schedules_due"
+                " WHERE state = 'active' AND next_fire_time <= ? ORDER BY next_fire_time, name",
+                (now,),
+            )
+            if row[4] in tasks
+        ]
+        (later,) = db.execute(
+            "SELECT MIN(next_fire_time) FROM flexq_schedules INDEXED BY flexq_schedules_due"
+            " WHERE state = 'active' AND next_fire_time > ?",
+            (now,),
+        ).fetchone()
+        return due, later
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        return await self._run(self._fire_schedule, name, revision, firing, list(jobs), now)
+
+    def _fire_schedule(
+        self, name: str, revision: int, firing: ScheduleFiring, jobs: list[NewJob], now: float
+    ) -> bool:
+        values = (
+            firing.next_fire_time, firing.previous_fire_time, len(jobs), firing.last_job_id,
+            name, revision,
+        )  # fmt: skip
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE flexq_schedules SET next_fire_time = ?,"
+                " previous_fire_time = COALESCE(?, previous_fire_time),"
+                " times_triggered = times_triggered + ?,"
+                " last_job_id = COALESCE(?, last_job_id), revision = revision + 1"
+                " WHERE name = ? AND revision = ? AND state = 'active'",
+                values,
+            )
+            if cursor.rowcount == 0:
+                return False
+            _insert_all(db, [_insert_row(job, now) for job in jobs])
+        return True
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        return await self._run(self._set_schedule_state, name, revision, state, next_fire_time)
+
+    def _set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE flexq_schedules SET state = ?, next_fire_time = ?, revision = revision + 1"
+                f" WHERE name = ? AND revision = ? RETURNING {_SCHEDULE_COLUMNS}",
+                (state, next_fire_time, name, revision),
+            ).fetchone()
+        return None if row is None else _schedule(row)
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self._run(self._delete_schedule, name)
+
+    def _delete_schedule(self, name: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM flexq_schedules WHERE name = ?", (name,)).rowcount > 0
+
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        return await self._run(self._enqueue_dependent, list(jobs), now)
+
+    def _enqueue_dependent(self, jobs: list[DependentJob], now: float) -> list[JobId]:
+        with self._transaction() as db:
+            states = _states_of(db, {p for dependent in jobs for p in dependent.parents})
+            rows: list[tuple[Any, ...]] = []
+            edges: list[tuple[JobId, JobId, str]] = []
+            aborted: list[tuple[JobId, str]] = []
+            for dependent in jobs:
+                job = dependent.job
+                waiting: list[JobId] = []
+                failed: tuple[JobId, State] | None = None
+                for parent in dependent.parents:
+                    state = states.get(parent)
+                    if state is None:
+                        raise JobNotFound(parent)
+                    if not state.is_final:
+                        waiting.append(parent)
+                    elif state is not State.COMPLETED and dependent.on_parent_failure == "abort":
+                        failed = failed or (parent, state)
+                row = _insert_row(job, now)
+                if failed is not None:
+                    state = State.ABORTED
+                    error = parent_failed_error(failed[0], failed[1], now)
+                    aborted.append((job.id, dumps(error, "error")))
+                elif waiting:
+                    state = State.WAITING
+                    policy = dependent.on_parent_failure
+                    edges.extend((parent, job.id, policy) for parent in waiting)
+                else:
+                    state = State(row[6])
+                rows.append((*row[:6], state, *row[7:]))
+                states[job.id] = state
+            _insert_all(db, rows)
+            db.executemany(
+                "INSERT OR IGNORE INTO flexq_dependencies (parent_id, child_id, on_parent_failure)"
+                " VALUES (?, ?, ?)",
+                edges,
+            )
+            db.executemany(
+                f"UPDATE flexq_jobs SET finished_at = ?, {_APPEND_ERROR} WHERE id = ?",
+                [(now, error, job_id) for job_id, error in aborted],
+            )
+        return [dependent.job.id for dependent in jobs]
+
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        return await self._run(self._claim_jobs, owner, list(job_ids), set(tasks), now,
+                               lease_until)  # fmt: skip
+
+    def _claim_jobs(
+        self, owner: str, job_ids: list[JobId], tasks: set[str], now: float, lease_until: float
+    ) -> list[ClaimedJob]:
+        with self._transaction() as db:
+            runnable = self._runnable(db, tasks)
+            if not runnable or not job_ids:
+                return []
+            ids = ", ".join(f"?{4 + i}" for i in range(len(job_ids)))
+            marks = ", ".join(f"?{4 + len(job_ids) + i}" for i in range(len(runnable)))
+            rows = db.execute(
+                "UPDATE flexq_jobs SET state = 'PROCESSING', attempts = attempts + 1,"
+                " started_at = ?1, lease_owner = ?2, lease_until = ?3"
+                f" WHERE id IN ({ids}) AND state = 'QUEUED' AND lease_expiries = 0"
+                f" AND task IN ({marks}) AND tenant NOT IN ({_PAUSED_TENANTS})"
+                " RETURNING id, task, kind, tenant, priority, args, kwargs, attempts,"
+                " max_attempts, timeout, parent_id, kind_rank, seq",
+                (now, owner, lease_until, *job_ids, *runnable),
+            ).fetchall()
+        return sorted(map(_claimed, rows), key=_by_order)
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        return await self._run(self._waiting_for, job_id)
+
+    def _waiting_for(self, job_id: JobId) -> list[JobId]:
+        db = self._db
+        if db.execute("SELECT 1 FROM flexq_jobs WHERE id = ?", (job_id,)).fetchone() is None:
+            raise JobNotFound(job_id)
+        rows = db.execute(
+            "SELECT parent_id FROM flexq_dependencies WHERE child_id = ? ORDER BY parent_id",
+            (job_id,),
+        )
+        return [parent_id for (parent_id,) in rows]
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        rows = await self._run(self._select, _CHAIN, (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return [_info(row) for row in rows]
+
 
 NO_COUNTS = BatchCounts(False, 0, 0, 0, 0, 0)
 
@@ -1117,6 +1375,12 @@ def _renumber(db: sqlite3.Connection, tenant: str) -> None:
     )
 
 
+_SCHEDULE_COLUMNS = (
+    "name, tenant, cron, timezone, task, args, kwargs, misfire, reserve, state, next_fire_time,"
+    " previous_fire_time, times_triggered, last_job_id, revision, created_at"
+)
+
+
 def _insert_row(job: NewJob, now: float) -> tuple[Any, ...]:
     state = State.QUEUED if job.run_at <= now else State.SCHEDULED
     return (
@@ -1242,3 +1506,101 @@ def _info(row: tuple[Any, ...]) -> JobInfo:
         abort_requested=row[20],
         batch=None if row[21] is None else BatchCounts(bool(row[21]), *row[22:27]),
     )
+
+
+_CHAIN = f"""
+WITH RECURSIVE
+    up(id, parent_id) AS (
+        SELECT id, parent_id FROM flexq_jobs WHERE id = ?1
+        UNION
+        SELECT j.id, j.parent_id FROM flexq_jobs j JOIN up ON j.id = up.parent_id
+    ),
+    down(id) AS (
+        SELECT ?1
+        UNION
+        SELECT j.id FROM flexq_jobs j JOIN down ON j.parent_id = down.id
+    )
+SELECT {_INFO_COLUMNS} FROM {_INFO_FROM}
+WHERE id IN (SELECT id FROM up UNION SELECT id FROM down)
+ORDER BY seq
+"""
+
+
+def _has_dependencies(db: sqlite3.Connection) -> bool:
+    """Whether any job waits for another: most queues never have one, and skip the rest."""
+    return db.execute("SELECT 1 FROM flexq_dependencies LIMIT 1").fetchone() is not None
+
+
+def _states_of(db: sqlite3.Connection, job_ids: Collection[JobId]) -> dict[JobId, State]:
+    ids = list(job_ids)
+    states: dict[JobId, State] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(f"SELECT id, state FROM flexq_jobs WHERE id IN ({marks})", chunk)
+        states.update((job_id, State(state)) for job_id, state in rows)
+    return states
+
+
+def _final_states(db: sqlite3.Connection, job_ids: list[JobId]) -> list[tuple[JobId, State]]:
+    return [(i, s) for i, s in _states_of(db, job_ids).items() if s.is_final]
+
+
+def _release_dependants(
+    db: sqlite3.Connection, finished: list[tuple[JobId, State]], now: float
+) -> None:
+    """Release or abort the WAITING dependants of jobs that just became final.
+
+    A dependant with no parent left becomes QUEUED (SCHEDULED until its run_at); one whose
+    parent failed ends ABORTED with an error naming the parent (unless its policy is "run"),
+    and its own dependants are dealt with in turn. Each parent costs index lookups, whatever
+    the number of its siblings, so a fan-in of many parents stays linear.
+    """
+    while finished:
+        states = dict(finished)
+        finished = []
+        parents = list(states)
+        edges: list[tuple[JobId, JobId, str]] = []
+        for start in range(0, len(parents), 500):
+            chunk = parents[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            edges += db.execute(
+                "SELECT parent_id, child_id, on_parent_failure FROM flexq_dependencies"
+                f" WHERE parent_id IN ({marks})",
+                chunk,
+            ).fetchall()
+            db.execute(f"DELETE FROM flexq_dependencies WHERE parent_id IN ({marks})", chunk)
+        failed_parent: dict[JobId, JobId] = {}
+        for parent, child, policy in edges:
+            if states[parent] is not State.COMPLETED and policy == "abort":
+                failed_parent.setdefault(child, parent)
+        for child, parent in failed_parent.items():
+            db.execute("DELETE FROM flexq_dependencies WHERE child_id = ?", (child,))
+            error = dumps(parent_failed_error(parent, states[parent], now), "error")
+            row = db.execute(
+                f"UPDATE flexq_jobs SET state = 'ABORTED', finished_at = ?, {_APPEND_ERROR}"
+                " WHERE id = ? AND state = 'WAITING' RETURNING id",
+                (now, error, child),
+            ).fetchone()
+            if row is not None:
+                finished.append((child, State.ABORTED))
+        released = sorted({child for _, child, _ in edges} - failed_parent.keys())
+        for start in range(0, len(released), 500):
+            chunk = released[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            db.execute(
+                "UPDATE flexq_jobs SET state = CASE WHEN run_at <= ? THEN 'QUEUED'"
+                " ELSE 'SCHEDULED' END"
+                f" WHERE id IN ({marks}) AND state = 'WAITING' AND NOT EXISTS"
+                " (SELECT 1 FROM flexq_dependencies d WHERE d.child_id = flexq_jobs.id)",
+                [now, *chunk],
+            )
+
+
+def _schedule(row: tuple[Any, ...]) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row[0], tenant=row[1], cron=row[2], timezone=row[3], task=row[4], args=row[5],
+        kwargs=row[6], misfire=row[7], reserve=bool(row[8]), state=row[9],
+        next_fire_time=row[10], previous_fire_time=row[11], times_triggered=row[12],
+        last_job_id=row[13], revision=row[14], created_at=row[15],
+    )  # fmt: skip
