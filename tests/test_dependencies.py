@@ -455,3 +455,23 @@ async def test_a_handler_fans_out_and_in_through_its_context(queue_url: str) -> 
         State.COMPLETED, 0 + 1 + 4 + 9, root, "acme",
     )  # fmt: skip
     assert len(chain) == 6
+
+
+async def test_explain_names_the_parents_a_job_waits_for(queue_url: str) -> None:
+    """queue.explain of a WAITING job names the jobs it still depends on."""
+    queue = flexq.Queue(queue_url)
+
+    @queue.task(name="step")
+    async def step() -> None: ...
+
+    await queue.open()
+    try:
+        first = await queue.enqueue(step)
+        second = await queue.enqueue(step)
+        child = await queue.enqueue(step, depends_on=[first, second])
+        explanation = await queue.explain(child)
+    finally:
+        await queue.close()
+    assert explanation.whys == (flexq.Why.WAITING_FOR_PARENTS,)
+    assert first in str(explanation)
+    assert second in str(explanation)

@@ -15,7 +15,7 @@ from flexq import (
     State,
 )
 from flexq._limits import LimitTable
-from flexq._store.base import ChunkDone, Placement
+from flexq._store.base import ChunkDone, DependentJob, Placement
 from flexq.abc import EnqueueUnit, NewJob, Outcome, Store
 
 from .test_store_conformance import OWNER, T0, TASKS, claim, job, put
@@ -254,3 +254,42 @@ async def test_tasks_offered_still_apply_to_batches(batches: Store) -> None:
     assert await batches.claim(OWNER, {"acme": 1}, {"u"}, T0, T0 + 10) == []
     assert {"t"} <= TASKS
     assert (await batches.get("b0")).state is State.QUEUED
+
+
+async def test_a_batch_job_waits_for_its_parents_then_holds(batches: Store) -> None:
+    """A batch job with parents is WAITING; when they complete it joins the holding queue
+    (admitted at once to a free slot); a failed parent aborts it."""
+    await put(batches, job("parent"), job("doomed-parent"), batch("b0"), batch("b1"))
+    await batches.enqueue_dependent(
+        [
+            DependentJob(batch("late"), ("parent",)),
+            DependentJob(batch("never"), ("doomed-parent",)),
+        ],
+        T0,
+    )
+    assert await states(batches, "late", "never") == [State.WAITING, State.WAITING]
+    assert await batches.usage("acme") == (0, 2)
+    await claim(batches, n=2)  # parent and doomed-parent: queueable jobs come before batches
+    await batches.report(
+        OWNER,
+        [Outcome("parent", State.COMPLETED), Outcome("doomed-parent", State.FAILED, error="{}")],
+        T0,
+    )
+    assert await states(batches, "late", "never") == [State.HOLDING, State.ABORTED]
+    assert await batches.holding_order("acme") == ["late"]
+
+
+async def test_a_batch_job_whose_parents_are_done_holds_at_once(batches: Store) -> None:
+    """With every parent completed already, the batch job enters the holding queue (and its
+    limit) at enqueue."""
+    await put(batches, job("parent"))
+    await claim(batches)
+    await batches.report(OWNER, [Outcome("parent", State.COMPLETED)], T0)
+    await batches.enqueue_dependent(
+        [DependentJob(batch(f"b{i}"), ("parent",)) for i in range(5)], T0
+    )
+    assert await batches.usage("acme") == (3, 2)
+    with pytest.raises(LimitExceeded):
+        await batches.enqueue_dependent([DependentJob(batch("b5"), ("parent",))], T0)
+    with pytest.raises(JobNotFound):
+        await batches.get("b5")

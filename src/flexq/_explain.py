@@ -10,6 +10,8 @@ from flexq._models import PauseScope
 from flexq._states import State
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from flexq._limits import Limits
     from flexq._models import JobId
     from flexq._store.base import WaitFacts
@@ -43,6 +45,8 @@ class Why(enum.StrEnum):
     """Its last worker died while running it: it will run alone."""
     ABORTING = "aborting"
     """An abort was requested; its worker is stopping it."""
+    WAITING_FOR_PARENTS = "waiting_for_parents"
+    """It depends on jobs that have not completed yet (``depends_on``, a chain's step)."""
     NEXT = "next"
     """Nothing holds it back: a worker takes it at once."""
 
@@ -94,8 +98,9 @@ class LocalFacts:
     loop_lag: float
 
 
-def explain(facts: WaitFacts, local: LocalFacts) -> Explanation:
-    """Put the store's and this process's facts about a job into reasons."""
+def explain(facts: WaitFacts, local: LocalFacts, parents: Sequence[JobId] = ()) -> Explanation:
+    """Put the store's and this process's facts about a job into reasons (``parents``: the
+    jobs a WAITING job still waits for)."""
     info = facts.info
     reasons: list[WaitReason] = []
 
@@ -119,6 +124,11 @@ def explain(facts: WaitFacts, local: LocalFacts) -> Explanation:
             add(Why.SLOTS_FULL, f"tenant {tenant!r} uses {slots}; it is admitted when one frees")
         else:
             add(Why.HOLDING, "a slot is free: it is admitted within a poll interval")
+    elif info.state is State.WAITING:
+        names = ", ".join(repr(parent) for parent in parents[:5])
+        more = f" and {len(parents) - 5} more" if len(parents) > 5 else ""
+        add(Why.WAITING_FOR_PARENTS, f"it waits for {len(parents)} job(s) it depends on to"
+                                     f" complete: {names}{more}")  # fmt: skip
     elif info.state is State.SCHEDULED:
         wait = info.run_at.timestamp() - local.now
         add(Why.NOT_DUE, f"it may not run before {info.run_at.isoformat()} (in {wait:.1f} s)")

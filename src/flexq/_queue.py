@@ -888,10 +888,11 @@ class Queue:
     async def explain(self, job_id: JobId) -> Explanation:
         """Why the job is not running (or that it is, or is final), reason by reason.
 
-        Reasons: its place in the holding queue and the tenant's active slots in use, a
-        ``run_at`` not reached, a pause of the queue, tenant or task, this process's dispatcher
-        throttled by host load or its workers all busy, jobs ahead of it in its tenant and other
-        tenants sharing the workers, a task this process does not run. Raises JobNotFound.
+        Reasons: its place in the holding queue and the tenant's active slots in use, the
+        parents it waits for (``depends_on``), a ``run_at`` not reached, a pause of the queue,
+        tenant or task, this process's dispatcher throttled by host load or its workers all
+        busy, jobs ahead of it in its tenant and other tenants sharing the workers, a task this
+        process does not run. Raises JobNotFound.
         """
         self._check_open()
         facts = await self._store.wait_facts(job_id)
@@ -905,7 +906,10 @@ class Queue:
             throttled=monitor.overloaded if monitor is not None else False,
             loop_lag=monitor.lag if monitor is not None else 0.0,
         )
-        return explain(facts, local)
+        parents: list[JobId] = []
+        if facts.info.state is State.WAITING:
+            parents = await self._store.waiting_for(job_id)
+        return explain(facts, local, parents)
 
     # -- schedules --------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ RUNNING_STATES = frozenset({State.PREPARING, State.PROCESSING})
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCHEDULED: frozenset({State.QUEUED, State.ABORTED}),
-    State.WAITING: frozenset({State.QUEUED, State.SCHEDULED, State.ABORTED}),
+    State.WAITING: frozenset({State.QUEUED, State.SCHEDULED, State.HOLDING, State.ABORTED}),
     State.HOLDING: frozenset({State.QUEUED, State.ABORTED}),
     State.QUEUED: frozenset({State.PREPARING, State.PROCESSING, State.ABORTED}),
     State.PREPARING: frozenset(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import anyio.lowlevel
 
-from flexq._errors import DuplicateJob, InvalidArguments, JobNotFound, NotHolding
+from flexq._errors import DuplicateJob, InvalidArguments, JobNotFound, LimitExceeded, NotHolding
 from flexq._limits import LimitTable
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps, loads
@@ -174,17 +174,31 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return [self._enqueue_unit(unit, now) for unit in units]
 
-    def _enqueue_unit(self, unit: EnqueueUnit, now: float) -> EnqueueResult:
-        batches: dict[str, int] = {}
-        for job in unit.jobs:
-            if job.kind is Kind.BATCH:
-                batches[job.tenant] = batches.get(job.tenant, 0) + 1
-        for tenant, count in batches.items():
+    def _holding_refusal(self, batches: Sequence[NewJob]) -> LimitExceeded | None:
+        """The error if the holding queues cannot take these new batch jobs (after the
+        tenants' free active slots took what they can)."""
+        counts: dict[str, int] = {}
+        for job in batches:
+            counts[job.tenant] = counts.get(job.tenant, 0) + 1
+        for tenant, count in counts.items():
             limits = self._limits(tenant)
             holding = len(self._holding.get(tenant, ()))
             free = max(0, limits.max_active_batches - self._active.get(tenant, 0))
             if holding + count - min(free, holding + count) > limits.max_holding:
                 return holding_full(tenant, limits.max_holding)
+        return None
+
+    def _hold(self, row: _Row) -> None:
+        """Put a (new or released) batch job at the end of its tenant's holding queue."""
+        if row.state is not State.HOLDING:
+            row.move(State.HOLDING)
+        self._holding.setdefault(row.job.tenant, []).append(row.job.id)
+        self._admit(row.job.tenant)
+
+    def _enqueue_unit(self, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        refusal = self._holding_refusal([job for job in unit.jobs if job.kind is Kind.BATCH])
+        if refusal is not None:
+            return refusal
         ids: list[JobId] = []
         fresh: list[NewJob] = []
         keys: dict[tuple[str, str], JobId] = {}
@@ -209,14 +223,12 @@ class MemoryStore:
             self._rows[job.id] = row
             if state is State.HOLDING:
                 row.batch = _Batch()
-                self._holding.setdefault(job.tenant, []).append(job.id)
+                self._hold(row)
             elif state is State.QUEUED:
                 self._make_ready(row)
             else:
                 heapq.heappush(self._scheduled, (job.run_at, row.seq, job.id))
         self._keys.update(keys)
-        for tenant in batches:
-            self._admit(tenant)
         return ids
 
     def _admit(self, tenant: str) -> bool:
@@ -710,6 +722,11 @@ class MemoryStore:
     async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
         await anyio.lowlevel.checkpoint()
         known = set(self._rows)
+        refusal = self._holding_refusal(
+            [d.job for d in jobs if d.job.kind is Kind.BATCH and self._released_at_once(d)]
+        )
+        if refusal is not None:
+            raise refusal
         for dependent in jobs:
             for parent in dependent.parents:
                 if parent not in known:
@@ -718,6 +735,16 @@ class MemoryStore:
         for dependent in jobs:
             self._insert_dependent(dependent, now)
         return [dependent.job.id for dependent in jobs]
+
+    def _released_at_once(self, dependent: DependentJob) -> bool:
+        """Whether every parent already ended so that the job is not held back."""
+        parents = [self._rows.get(parent) for parent in dependent.parents]
+        return all(
+            row is not None
+            and row.state.is_final
+            and (row.state is State.COMPLETED or dependent.on_parent_failure == "run")
+            for row in parents
+        )
 
     def _insert_dependent(self, dependent: DependentJob, now: float) -> None:
         job = dependent.job
@@ -734,9 +761,15 @@ class MemoryStore:
             state = State.ABORTED
         elif waiting:
             state = State.WAITING
+        if job.kind is Kind.BATCH and state in (State.QUEUED, State.SCHEDULED):
+            state = State.HOLDING
         row = _Row(seq=next(self._seq), job=job, state=state, created_at=now, run_at=job.run_at)
         self._rows[job.id] = row
-        if failed is not None:
+        if job.kind is Kind.BATCH:
+            row.batch = _Batch()
+        if state is State.HOLDING:
+            self._hold(row)
+        elif failed is not None:
             row.errors.append(parent_failed_error(failed.job.id, failed.state, now))
             row.finished_at = now
         elif waiting:
@@ -783,6 +816,9 @@ class MemoryStore:
             self._finish(row, State.ABORTED, now)
         elif not waiting:
             del self._parents[child_id]
+            if row.job.kind is Kind.BATCH:
+                self._hold(row)
+                return
             target = State.QUEUED if row.run_at <= now else State.SCHEDULED
             self._set_waiting(row, target, row.run_at)
 

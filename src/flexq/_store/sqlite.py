@@ -432,16 +432,8 @@ class SQLiteStore:
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
         """Insert a unit with keys or batch jobs, row by row; raise to refuse it."""
-        batches: dict[str, int] = {}
-        for job in unit.jobs:
-            if job.kind is Kind.BATCH:
-                batches[job.tenant] = batches.get(job.tenant, 0) + 1
-        for tenant, count in batches.items():
-            limits = self._limits(tenant)
-            holding, active = _usage(db, tenant)
-            free = max(0, limits.max_active_batches - active)
-            if holding + count - min(free, holding + count) > limits.max_holding:
-                raise holding_full(tenant, limits.max_holding)
+        batches = [job for job in unit.jobs if job.kind is Kind.BATCH]
+        self._check_holding_room(db, batches)
         ids: list[JobId] = []
         for job in unit.jobs:
             if job.key is not None:
@@ -457,15 +449,25 @@ class SQLiteStore:
                     continue
             db.execute(_INSERT, _insert_row(job, now))
             if job.kind is Kind.BATCH:
-                db.execute(
-                    "UPDATE flexq_jobs SET state = 'HOLDING', position = ? WHERE id = ?",
-                    (_last_position(db, job.tenant) + HOLDING_STEP, job.id),
-                )
+                _hold(db, job.id, job.tenant)
                 db.execute("INSERT INTO flexq_batches (job_id) VALUES (?)", (job.id,))
             ids.append(job.id)
-        for tenant in batches:
+        for tenant in sorted({job.tenant for job in batches}):
             self._admit(db, tenant)
         return ids
+
+    def _check_holding_room(self, db: sqlite3.Connection, batches: Sequence[NewJob]) -> None:
+        """Raise LimitExceeded unless the holding queues can take these new batch jobs (after
+        the tenants' free active slots took what they can)."""
+        counts: dict[str, int] = {}
+        for job in batches:
+            counts[job.tenant] = counts.get(job.tenant, 0) + 1
+        for tenant, count in counts.items():
+            limits = self._limits(tenant)
+            holding, active = _usage(db, tenant)
+            free = max(0, limits.max_active_batches - active)
+            if holding + count - min(free, holding + count) > limits.max_holding:
+                raise holding_full(tenant, limits.max_holding)
 
     # -- dispatching ------------------------------------------------------------------------
 
@@ -604,7 +606,7 @@ class SQLiteStore:
                         if kind == Kind.BATCH and state in FINAL_STATES:
                             freed.add(tenant)
             if written and _has_dependencies(db):
-                _release_dependants(db, _final_states(db, written), now)
+                freed |= _release_dependants(db, _final_states(db, written), now)
             for tenant in sorted(freed):
                 self._admit(db, tenant)
         return written
@@ -655,7 +657,7 @@ class SQLiteStore:
             if (recovered.failed or recovered.aborted) and _has_dependencies(db):
                 ended = [(job_id, State.FAILED) for job_id in recovered.failed]
                 ended += [(job_id, State.ABORTED) for job_id in recovered.aborted]
-                _release_dependants(db, ended, now)
+                freed |= _release_dependants(db, ended, now)
             for tenant in sorted(freed):
                 self._admit(db, tenant)
         return recovered
@@ -702,7 +704,8 @@ class SQLiteStore:
             )
             if _has_dependencies(db):
                 db.execute("DELETE FROM flexq_dependencies WHERE child_id = ?", (job_id,))
-                _release_dependants(db, [(job_id, State.ABORTED)], now)
+                for tenant in _release_dependants(db, [(job_id, State.ABORTED)], now):
+                    self._admit(db, tenant)
             if row[1] == Kind.BATCH and state in ACTIVE_BATCH_STATES:
                 self._admit(db, row[2])
         return State.ABORTED
@@ -1155,6 +1158,7 @@ class SQLiteStore:
             rows: list[tuple[Any, ...]] = []
             edges: list[tuple[JobId, JobId, str]] = []
             aborted: list[tuple[JobId, str]] = []
+            holding: list[NewJob] = []
             for dependent in jobs:
                 job = dependent.job
                 waiting: list[JobId] = []
@@ -1176,11 +1180,23 @@ class SQLiteStore:
                     state = State.WAITING
                     policy = dependent.on_parent_failure
                     edges.extend((parent, job.id, policy) for parent in waiting)
+                elif job.kind is Kind.BATCH:
+                    state = State.HOLDING
+                    holding.append(job)
                 else:
                     state = State(row[6])
                 rows.append((*row[:6], state, *row[7:]))
                 states[job.id] = state
+            self._check_holding_room(db, holding)
             _insert_all(db, rows)
+            db.executemany(
+                "INSERT INTO flexq_batches (job_id) VALUES (?)",
+                [(d.job.id,) for d in jobs if d.job.kind is Kind.BATCH],
+            )
+            for job in holding:
+                _hold(db, job.id, job.tenant)
+            for tenant in sorted({job.tenant for job in holding}):
+                self._admit(db, tenant)
             db.executemany(
                 "INSERT OR IGNORE INTO flexq_dependencies (parent_id, child_id, on_parent_failure)"
                 " VALUES (?, ?, ?)",
@@ -1283,6 +1299,14 @@ def _usage(db: sqlite3.Connection, tenant: str) -> tuple[int, int]:
         (tenant,),
     ).fetchone()
     return holding, active
+
+
+def _hold(db: sqlite3.Connection, job_id: JobId, tenant: str) -> None:
+    """Put a (new or released) batch job at the end of its tenant's holding queue."""
+    db.execute(
+        "UPDATE flexq_jobs SET state = 'HOLDING', position = ? WHERE id = ?",
+        (_last_position(db, tenant) + HOLDING_STEP, job_id),
+    )
 
 
 def _holds(db: sqlite3.Connection, owner: str, job_id: JobId) -> bool:
@@ -1548,14 +1572,17 @@ def _final_states(db: sqlite3.Connection, job_ids: list[JobId]) -> list[tuple[Jo
 
 def _release_dependants(
     db: sqlite3.Connection, finished: list[tuple[JobId, State]], now: float
-) -> None:
-    """Release or abort the WAITING dependants of jobs that just became final.
+) -> set[str]:
+    """Release or abort the WAITING dependants of jobs that just became final; return the
+    tenants whose holding queues got batch jobs (to admit them).
 
-    A dependant with no parent left becomes QUEUED (SCHEDULED until its run_at); one whose
+    A dependant with no parent left becomes QUEUED (SCHEDULED until its run_at; a batch job
+    enters the end of its holding queue, even a full one); one whose
     parent failed ends ABORTED with an error naming the parent (unless its policy is "run"),
     and its own dependants are dealt with in turn. Each parent costs index lookups, whatever
     the number of its siblings, so a fan-in of many parents stays linear.
     """
+    holding: set[str] = set()
     while finished:
         states = dict(finished)
         finished = []
@@ -1588,13 +1615,19 @@ def _release_dependants(
         for start in range(0, len(released), 500):
             chunk = released[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            db.execute(
-                "UPDATE flexq_jobs SET state = CASE WHEN run_at <= ? THEN 'QUEUED'"
-                " ELSE 'SCHEDULED' END"
+            rows = db.execute(
+                "UPDATE flexq_jobs SET state = CASE WHEN kind = 'batch' THEN 'WAITING'"
+                " WHEN run_at <= ? THEN 'QUEUED' ELSE 'SCHEDULED' END"
                 f" WHERE id IN ({marks}) AND state = 'WAITING' AND NOT EXISTS"
-                " (SELECT 1 FROM flexq_dependencies d WHERE d.child_id = flexq_jobs.id)",
+                " (SELECT 1 FROM flexq_dependencies d WHERE d.child_id = flexq_jobs.id)"
+                " RETURNING id, tenant, kind",
                 [now, *chunk],
-            )
+            ).fetchall()
+            for job_id, tenant, kind in sorted(rows):
+                if kind == Kind.BATCH:
+                    _hold(db, job_id, tenant)
+                    holding.add(tenant)
+    return holding
 
 
 def _schedule(row: tuple[Any, ...]) -> ScheduleRecord:
