@@ -208,16 +208,7 @@ class BatchRun:
             kwargs = loads(job.kwargs) if job.kwargs != "{}" else {}
             await self._prepare(instance, args, kwargs)
         await self._process(instance)
-        counts, errors = await self._store.batch_summary(job.id)
-        summary = BatchSummary(
-            job_id=job.id,
-            total_items=counts.total_items,
-            items_processed=counts.items_processed,
-            chunks_total=counts.chunks_total,
-            chunks_succeeded=counts.chunks_succeeded,
-            chunks_failed=counts.chunks_failed,
-            errors=tuple(_chunk_error(index, loads(error)) for index, error in errors),
-        )
+        summary = await read_summary(self._store, job.id)
         try:
             value = await instance.finish(self._context(), summary)
         except Exception as exc:
@@ -373,6 +364,20 @@ def _encode_chunk(items: Sequence[Any]) -> str:
             )
         )
     return encoded
+
+
+async def read_summary(store: Store, job_id: JobId) -> BatchSummary:
+    """The batch job's summary as the store holds it now."""
+    counts, errors = await store.batch_summary(job_id)
+    return BatchSummary(
+        job_id=job_id,
+        total_items=counts.total_items,
+        items_processed=counts.items_processed,
+        chunks_total=counts.chunks_total,
+        chunks_succeeded=counts.chunks_succeeded,
+        chunks_failed=counts.chunks_failed,
+        errors=tuple(_chunk_error(index, loads(error)) for index, error in errors),
+    )
 
 
 def _chunk_error(index: int, record: dict[str, Any]) -> ChunkError:
