@@ -1,0 +1,44 @@
+"""When a batch job's checkpoints are written: soon after a chunk ends, not only when a group
+of them is full."""
+
+from __future__ import annotations
+
+import anyio
+
+import flexq
+from flexq._batch import CHECKPOINT_DELAY, CHECKPOINT_GROUP
+from tests.conftest import make_queue
+
+
+async def test_a_slow_chunk_is_checkpointed_while_the_next_one_runs(queue_url: str) -> None:
+    """A chunk that ended is durable (and counted in progress) within about CHECKPOINT_DELAY,
+    although fewer than CHECKPOINT_GROUP chunks ended and the next chunk is still running."""
+    queue = make_queue(queue_url)
+    gate = anyio.Event()
+
+    @queue.batch(scope=10, name="tests.Slow")
+    class Slow:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return list(range(10 * (CHECKPOINT_GROUP + 2)))
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            if ctx.chunk:  # every chunk after the first waits for the test
+                await gate.wait()
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    async with queue:
+        job_id = await queue.enqueue(Slow)
+        with anyio.fail_after(10 * CHECKPOINT_DELAY + 5):
+            while True:
+                progress = (await queue.get(job_id)).progress
+                assert isinstance(progress, flexq.BatchProgress)
+                if progress.items_processed:
+                    break
+                await anyio.sleep(0.01)
+        assert progress.items_processed == 10
+        assert progress.chunks_succeeded == 1
+        gate.set()
+        info = await queue.wait(job_id, timeout=10)
+    assert info.progress == flexq.BatchProgress(180, 180, 0, 18, 18, 0)
