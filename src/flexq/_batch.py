@@ -22,7 +22,7 @@ import anyio.lowlevel
 import structlog
 
 from flexq._context import Context
-from flexq._errors import InvalidArguments, NotRetried
+from flexq._errors import InvalidArguments, NotRetried, qualified_name
 from flexq._models import timestamp_to_datetime
 from flexq._serialize import dumps, loads
 from flexq._states import Kind
@@ -345,7 +345,7 @@ class BatchRun:
                     continue
                 log.error("batch chunk failed", **fields)
                 record = error_record(
-                    f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    qualified_name(type(exc)),
                     str(exc),
                     "".join(traceback.format_exception(exc)),
                     attempt,

@@ -93,3 +93,11 @@ class NotRetried(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def qualified_name(cls: type) -> str:
+    """The name an error record gives an exception type: flexq's own by their public name."""
+    module = cls.__module__
+    if module.startswith("flexq."):
+        module = "flexq"
+    return f"{module}.{cls.__qualname__}"

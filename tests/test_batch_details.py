@@ -1,5 +1,4 @@
-"""When a batch job's checkpoints are written: soon after a chunk ends, not only when a group
-of them is full."""
+"""Details of batch runs: when checkpoints are written, how chunk errors are recorded."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import anyio
 
 import flexq
 from flexq._batch import CHECKPOINT_DELAY, CHECKPOINT_GROUP
+from flexq.testing import batch_summary, run_batch
 from tests.conftest import make_queue
 
 
@@ -42,3 +42,39 @@ async def test_a_slow_chunk_is_checkpointed_while_the_next_one_runs(queue_url: s
         gate.set()
         info = await queue.wait(job_id, timeout=10)
     assert info.progress == flexq.BatchProgress(180, 180, 0, 18, 18, 0)
+
+
+async def test_a_chunk_error_names_flexq_errors_by_their_public_name(queue_url: str) -> None:
+    """A chunk that hit max_children_per_run records flexq.LimitExceeded, as a job would; a
+    retried chunk enqueues its children again (each try has a context of its own)."""
+    queue = make_queue(queue_url, limits=flexq.Limits(max_children_per_run=2))
+    tries = []
+
+    @queue.task
+    async def child() -> None:
+        pass
+
+    @queue.batch(retries=1, name="tests.Parent")
+    class Parent:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return [1]
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            tries.append(ctx.chunk)
+            for _ in range(3):
+                await ctx.enqueue(child)
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    info = await run_batch(queue, Parent, timeout=10)
+    assert info.state is flexq.State.COMPLETED
+    assert tries == [0, 0]
+    (error,) = (await batch_summary(queue, info.id)).errors
+    assert (error.chunk, error.type, error.tries) == (0, "flexq.LimitExceeded", 2)
+    assert "at most 2 jobs" in error.message
+    await queue.open()
+    try:
+        assert sum((await queue.counts(task=child)).values()) == 4  # 2 per try
+    finally:
+        await queue.close()
