@@ -18,6 +18,7 @@ import pytest
 
 import flexq
 import flexq.abc
+import flexq.testing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -109,9 +110,10 @@ def test_transition_table_in_concepts_matches_flexq() -> None:
 
 
 def test_api_reference_covers_every_public_name() -> None:
-    """docs/api.md documents each name in flexq.__all__ and each name in flexq.abc."""
+    """docs/api.md documents each name in flexq.__all__, flexq.abc and flexq.testing."""
     text = (DOCS / "api.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^::: (flexq\.[\w.]+)$", text, re.MULTILINE))
     expected = {f"flexq.{name}" for name in flexq.__all__}
     expected |= {f"flexq.abc.{name}" for name in flexq.abc.__all__}
+    expected |= {f"flexq.testing.{name}" for name in flexq.testing.__all__}
     assert sorted(expected - documented) == []
