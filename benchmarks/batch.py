@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 import flexq
-from benchmarks._common import quiet_logs, rate, sqlite_url
+from benchmarks._common import quiet_logs, rate, rss_mb, sqlite_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -51,6 +51,9 @@ class BatchThroughput:
     chunk and finish."""
     final_seconds: float
     """From the ``enqueue`` call until ``queue.wait`` saw the job COMPLETED."""
+    rss_growth_mb: float
+    """How far the process's resident memory rose above its level at ``enqueue`` while the
+    batch ran (sampled every 10 ms): what streaming and paging the items cost in memory."""
 
     @property
     def rate(self) -> float:
@@ -90,12 +93,22 @@ async def batch_throughput(
             marks["finish"] = time.perf_counter()
             return summary.items_processed
 
+    base = peak = rss_mb()
+
+    async def sample_rss() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_mb())
+            await anyio.sleep(0.01)
+
     with anyio.fail_after(timeout):
-        async with queue:
+        async with queue, anyio.create_task_group() as group:
+            group.start_soon(sample_rss)
             enqueued = time.perf_counter()
             job_id = await queue.enqueue(Numbers, items)
             info = await queue.wait(job_id)
             final = time.perf_counter()
+            group.cancel_scope.cancel()
     finished = marks["finish"]
     if info.state is not flexq.State.COMPLETED or info.result != items:
         raise RuntimeError(f"the batch ended {info.state} with {info.result!r} items processed")
@@ -107,6 +120,7 @@ async def batch_throughput(
         execute_seconds=finished - marks.get("execute", finished),
         total_seconds=finished - enqueued,
         final_seconds=final - enqueued,
+        rss_growth_mb=peak - base,
     )
 
 
@@ -267,7 +281,7 @@ def url_for(store: str, directory: Path) -> str:
 
 BATCH_HEADER = (
     f"  {'store':<8}{'backend':<9}{'items':>11}{'items/s':>12}{'start/s':>12}{'execute/s':>12}"
-    f"{'s':>7}{'to final s':>12}"
+    f"{'s':>7}{'to final s':>12}{'RSS +MiB':>10}"
 )
 MOVES_HEADER = (
     f"  {'store':<8}{'backend':<9}{'holding':>8}{'movers':>8}{'moves':>8}{'moves/s':>10}"
@@ -280,6 +294,7 @@ def batch_row(backend: str, run: BatchThroughput) -> str:
     return (
         f"  {run.store:<8}{backend:<9}{run.items:>11,}{run.rate:>12,.0f}{run.start_rate:>12,.0f}"
         f"{run.execute_rate:>12,.0f}{run.total_seconds:>7.2f}{run.final_seconds:>12.2f}"
+        f"{run.rss_growth_mb:>10.1f}"
     )
 
 
