@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.batch [--items N] [--moves N] [--store sqlite|memory|both]
 [--backend asyncio|trio|both]`` runs this case alone; ``python -m benchmarks.run`` runs it as
-case 7.
+case 7. ``--profile`` then shows where the time goes on SQLite: the store calls of the batch
+(how many, how long they were awaited, how busy the database thread was), and each move split
+into the hand-over to the database thread, the transaction, and the hand-over back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import functools
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +23,13 @@ import anyio
 
 import flexq
 from benchmarks._common import quiet_logs, rate, rss_mb, sqlite_url
+from flexq._store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
+
+    from flexq._models import JobId
+    from flexq._store.base import Placement
 
 BATCH_TASK = "bench.batch"
 """The task name of the benchmark's batch class."""
@@ -72,7 +79,12 @@ class BatchThroughput:
 
 
 async def batch_throughput(
-    url: str, store: str, items: int, *, scope: int = SCOPE, timeout: float = 600.0
+    url: str | SQLiteStore,
+    store: str,
+    items: int,
+    *,
+    scope: int = SCOPE,
+    timeout: float = 600.0,
 ) -> BatchThroughput:
     """Enqueue one batch job whose ``start`` yields ``items`` integers; time it to the end."""
     queue = flexq.Queue(url, max_loop_lag=None)
@@ -186,7 +198,7 @@ class FlexMoves:
 
 
 async def flex_moves(
-    url: str,
+    url: str | SQLiteStore,
     store: str,
     moves: int,
     *,
@@ -228,11 +240,16 @@ async def flex_moves(
                 raise RuntimeError("the holding queue is not in enqueue order")
             calls = [_move_call(flex, kind, ids[job], ids, other) for kind, job, other in plan]
             changed = 0
+            timed = url if isinstance(url, TimedSQLiteStore) else None
 
             async def mover(share: Sequence[functools.partial[Any]]) -> None:
                 nonlocal changed
                 for call in share:
+                    if timed is not None:
+                        timed.calls.append([time.perf_counter()])
                     changed += await call()
+                    if timed is not None:
+                        timed.calls[-1].append(time.perf_counter())
 
             started = time.perf_counter()
             if movers == 1:
@@ -270,6 +287,97 @@ def _move_call(
     if kind == "before":
         return functools.partial(flex.move_before, job_id, ids[other])
     return functools.partial(flex.move_to, job_id, other)
+
+
+class TimedSQLiteStore(SQLiteStore):
+    """The SQLite store, counting and timing its batch calls and its database thread's work."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.awaited: dict[str, list[float]] = {}
+        """Seconds each call of a store method was awaited, by method."""
+        self.thread_seconds = 0.0
+        self.calls: list[list[float]] = []
+        """Per move: the caller's start, the transaction's start and end on the database
+        thread, the caller's resumption (perf_counter times)."""
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await super()._run(self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.thread_seconds += time.perf_counter() - started
+
+    def _reorder(self, job_id: JobId, placement: Placement) -> bool:
+        started = time.perf_counter()
+        try:
+            return super()._reorder(job_id, placement)
+        finally:
+            if self.calls:
+                self.calls[-1] += [started, time.perf_counter()]
+
+    async def _awaited(self, name: str, call: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.awaited.setdefault(name, []).append(time.perf_counter() - started)
+
+    async def begin_batch(self, *args: Any) -> Any:
+        return await self._awaited("begin_batch", super().begin_batch(*args))
+
+    async def add_chunks(self, *args: Any) -> Any:
+        return await self._awaited("add_chunks", super().add_chunks(*args))
+
+    async def end_preparing(self, *args: Any) -> Any:
+        return await self._awaited("end_preparing", super().end_preparing(*args))
+
+    async def pending_chunks(self, *args: Any) -> Any:
+        return await self._awaited("pending_chunks", super().pending_chunks(*args))
+
+    async def checkpoint(self, *args: Any) -> Any:
+        return await self._awaited("checkpoint", super().checkpoint(*args))
+
+    async def batch_summary(self, *args: Any) -> Any:
+        return await self._awaited("batch_summary", super().batch_summary(*args))
+
+
+def profile(backend: str, items: int, moves: int, directory: Path) -> str:
+    """Where a batch's and a move's time goes on SQLite, as text to print."""
+    store = TimedSQLiteStore(str(directory / f"profile-{time.monotonic_ns()}.db"))
+    run = anyio.run(batch_throughput, store, "sqlite", items, backend=backend)
+    lines = [
+        f"profile under {backend}: one batch of {items:,} items on SQLite,"
+        f" {run.rate:,.0f} items/s over {run.total_seconds:.2f} s"
+        f" (start {run.start_seconds:.2f} s, chunks {run.execute_seconds:.2f} s);"
+        f" database thread busy {store.thread_seconds:.2f} s",
+        f"  {'store call':<16}{'calls':>7}{'awaited ms':>12}{'ms a call':>11}",
+    ]
+    for name, seconds in store.awaited.items():
+        lines.append(
+            f"  {name:<16}{len(seconds):>7,}{sum(seconds) * 1e3:>12.1f}"
+            f"{statistics.mean(seconds) * 1e3:>11.3f}"
+        )
+    store = TimedSQLiteStore(str(directory / f"profile-{time.monotonic_ns()}.db"))
+    moved = anyio.run(flex_moves, store, "sqlite", moves, backend=backend)
+    split = [call for call in store.calls if len(call) == 4]
+
+    def median_us(first: int, second: int) -> float:
+        return statistics.median(call[second] - call[first] for call in split) * 1e6
+
+    lines += [
+        f"{moves:,} moves one at a time: {moved.rate:,.0f} moves/s; per move (median):",
+        f"  call until the transaction starts on the database thread {median_us(0, 1):>7.1f} us",
+        f"  the transaction (SQLiteStore._reorder)                    {median_us(1, 2):>7.1f} us",
+        f"  transaction's end until the caller runs again             {median_us(2, 3):>7.1f} us",
+        f"  whole move                                                {median_us(0, 3):>7.1f} us",
+        f"  whole move, mean (what the rate pays; a slow tail)        "
+        f"{statistics.mean(call[3] - call[0] for call in split) * 1e6:>7.1f} us",
+    ]
+    return "\n".join(lines)
 
 
 def url_for(store: str, directory: Path) -> str:
@@ -316,6 +424,9 @@ def main() -> None:
     )
     parser.add_argument("--store", choices=["sqlite", "memory", "both"], default="both")
     parser.add_argument("--backend", choices=["asyncio", "trio", "both"], default="both")
+    parser.add_argument(
+        "--profile", action="store_true", help="then show where the time goes on SQLite"
+    )
     args = parser.parse_args()
     stores = ("sqlite", "memory") if args.store == "both" else (args.store,)
     backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
@@ -343,6 +454,10 @@ def main() -> None:
                         backend=backend,
                     )
                     print(moves_row(backend, moved), flush=True)
+        if args.profile:
+            for backend in backends:
+                print()
+                print(profile(backend, args.items, args.moves, tmp), flush=True)
 
 
 if __name__ == "__main__":
