@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from benchmarks import claim, hotspots, latency, peers, throughput
+from benchmarks import batch, claim, hotspots, latency, peers, throughput
 from benchmarks._common import quiet_logs, sqlite_url
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class Sizes:
     claim_rounds: int
     peer_memory_jobs: int
     peer_sqlite_jobs: int
+    batch_items: int
+    flex_moves: int
 
 
 DEFAULT = Sizes(
@@ -59,6 +61,8 @@ DEFAULT = Sizes(
     claim_rounds=200,
     peer_memory_jobs=5_000,
     peer_sqlite_jobs=1_000,
+    batch_items=1_000_000,
+    flex_moves=10_000,
 )
 QUICK = Sizes(
     e2e_jobs=5_000,
@@ -71,6 +75,8 @@ QUICK = Sizes(
     claim_rounds=50,
     peer_memory_jobs=2_000,
     peer_sqlite_jobs=300,
+    batch_items=200_000,
+    flex_moves=3_000,
 )
 MILLION = 1_000_000
 CLAIM_BATCH = 8
@@ -525,6 +531,57 @@ def _ratio(out: Results, name: str, ours: float, theirs: float) -> None:
     out.add(name, f"{value:.2f}x")
 
 
+def case_batch(args: argparse.Namespace, sizes: Sizes, tmp: Path, out: Results) -> None:
+    """Case 7: one batch job of many items; moves in a holding queue of 100 jobs."""
+    section(
+        f"7. batch jobs: one batch of {sizes.batch_items:,} items (scope {batch.SCOPE}, no-op"
+        " execute) from enqueue until finish returned"
+    )
+    print(batch.BATCH_HEADER)
+    runs = []
+    for store in ("sqlite", "memory"):
+        for backend in args.backends:
+            run = run_async(
+                backend, batch.batch_throughput, _url(store, tmp), store, sizes.batch_items
+            )
+            print(batch.batch_row(backend, run), flush=True)
+            runs.append({"backend": backend, **dataclasses.asdict(run), "rate": run.rate})
+            out.add(
+                f"batch items {store} {backend}",
+                f"{run.rate:,.0f} items/s",
+                ">= 500,000 items/s" if store == "sqlite" else "",
+                run.rate >= 500_000 if store == "sqlite" else None,
+            )
+    print(
+        f"\n  holding queue: {sizes.flex_moves:,} moves (front / before / to) among 100 HOLDING"
+        " jobs; 1 mover awaits each move, 8 movers queue theirs up"
+    )
+    print(batch.MOVES_HEADER)
+    moves = []
+    for store in ("sqlite", "memory"):
+        for backend in args.backends:
+            for movers in (1, 8):
+                moved = run_async(
+                    backend,
+                    batch.flex_moves,
+                    _url(store, tmp),
+                    store,
+                    sizes.flex_moves,
+                    movers=movers,
+                )
+                print(batch.moves_row(backend, moved), flush=True)
+                moves.append({"backend": backend, **dataclasses.asdict(moved), "rate": moved.rate})
+                if movers == 1:
+                    out.add(
+                        f"flex moves {store} {backend} (one at a time)",
+                        f"{moved.rate:,.0f} moves/s",
+                        ">= 10,000 moves/s" if store == "sqlite" else "",
+                        moved.rate >= 10_000 if store == "sqlite" else None,
+                    )
+    out.data["batch"] = runs
+    out.data["flex_moves"] = moves
+
+
 def case_hotspots(args: argparse.Namespace, sizes: Sizes, tmp: Path) -> None:
     """The end-to-end case under cProfile (sqlite, the first backend)."""
     backend = args.backends[0]
@@ -546,7 +603,7 @@ def summary(out: Results) -> None:
     width = max(len(row.name) for row in out.rows) + 2
     for row in out.rows:
         mark = {True: "ok", False: "MISSED", None: ""}[row.ok]
-        print(f"  {row.name:<{width}}{row.value:>24}   {row.target:<18}{mark}")
+        print(f"  {row.name:<{width}}{row.value:>24}   {row.target:<20}{mark}")
     for note in out.notes:
         print(f"  note: {note}")
 
@@ -572,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        default="1,2,3,4,6",
+        default="1,2,3,4,6,7",
         help="comma-separated cases to run (4 includes 5); default all",
     )
     parser.add_argument("--jobs", type=int, help="jobs of the end-to-end case")
@@ -613,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
             case_latency(args, sizes, tmp, out)
         if "4" in only or "5" in only:
             case_claim_and_memory(args, sizes, tmp, out)
+        if "7" in only:
+            case_batch(args, sizes, tmp, out)
         if "6" in only and not args.skip_peers:
             case_peers(args, sizes, out)
         if args.profile:

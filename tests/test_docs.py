@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +18,7 @@ import pytest
 
 import flexq
 import flexq.abc
+import flexq.testing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -112,25 +110,10 @@ def test_transition_table_in_concepts_matches_flexq() -> None:
 
 
 def test_api_reference_covers_every_public_name() -> None:
-    """docs/api.md documents each name in flexq.__all__ and each name in flexq.abc."""
+    """docs/api.md documents each name in flexq.__all__, flexq.abc and flexq.testing."""
     text = (DOCS / "api.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^::: (flexq\.[\w.]+)$", text, re.MULTILINE))
     expected = {f"flexq.{name}" for name in flexq.__all__}
     expected |= {f"flexq.abc.{name}" for name in flexq.abc.__all__}
+    expected |= {f"flexq.testing.{name}" for name in flexq.testing.__all__}
     assert sorted(expected - documented) == []
-
-
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_example_app_runs(backend: str, tmp_path: Path) -> None:
-    """examples/app.py, which the home page includes, runs to the end under each loop."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "app.py"), "--backend", backend],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=tmp_path,
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # the example's database goes here
-    )
-    assert result.returncode == 0, result.stderr
-    assert "acme: " in result.stdout

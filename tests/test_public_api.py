@@ -8,7 +8,11 @@ import flexq.abc
 
 def test_all_lists_exactly_the_public_names() -> None:
     """__all__ is sorted-unique and every public attribute is in it."""
-    public = {name for name in dir(flexq) if not name.startswith("_")} - {"abc", "annotations"}
+    public = {name for name in dir(flexq) if not name.startswith("_")} - {
+        "abc",
+        "annotations",
+        "testing",
+    }
     assert set(flexq.__all__) == public
     assert len(flexq.__all__) == len(set(flexq.__all__))
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import sqlite3
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -28,6 +24,7 @@ from flexq.abc import NewJob, ScheduleFiring, ScheduleRecord
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
     from flexq.abc import Store
 
@@ -404,27 +401,6 @@ def test_reserved_workers_must_be_a_count() -> None:
     """A negative number of reserved workers is refused."""
     with pytest.raises(flexq.InvalidArguments):
         flexq.Queue("memory://", reserved_workers=-1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_the_schedules_example_runs(backend: str, tmp_path: Path) -> None:
-    """examples/schedules.py fires its schedule every two seconds and runs its chain."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "schedules.py"
-    result = subprocess.run(
-        [sys.executable, str(example), "--backend", backend],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "WAITING: the fan-in waits for 3 jobs" in result.stdout
-    assert "published: 535 orders in all" in result.stdout
-    fired = [line for line in result.stdout.splitlines() if line.endswith("billing is up")]
-    assert len(fired) >= 2
 
 
 # -- the store ------------------------------------------------------------------------------

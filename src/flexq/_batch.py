@@ -22,7 +22,7 @@ import anyio.lowlevel
 import structlog
 
 from flexq._context import Context
-from flexq._errors import InvalidArguments, NotRetried
+from flexq._errors import InvalidArguments, NotRetried, qualified_name
 from flexq._models import timestamp_to_datetime
 from flexq._serialize import dumps, loads
 from flexq._states import Kind
@@ -211,16 +211,7 @@ class BatchRun:
             kwargs = loads(job.kwargs) if job.kwargs != "{}" else {}
             await self._prepare(instance, args, kwargs)
         await self._process(instance)
-        counts, errors = await self._store.batch_summary(job.id)
-        summary = BatchSummary(
-            job_id=job.id,
-            total_items=counts.total_items,
-            items_processed=counts.items_processed,
-            chunks_total=counts.chunks_total,
-            chunks_succeeded=counts.chunks_succeeded,
-            chunks_failed=counts.chunks_failed,
-            errors=tuple(_chunk_error(index, loads(error)) for index, error in errors),
-        )
+        summary = await read_summary(self._store, job.id)
         try:
             value = await instance.finish(self._context(), summary)
         except Exception as exc:
@@ -327,22 +318,27 @@ class BatchRun:
 
     def _done(self, chunk: ChunkDone) -> None:
         self._unwritten.append(chunk)
-        if len(self._unwritten) >= CHECKPOINT_GROUP:
+        if len(self._unwritten) in (1, CHECKPOINT_GROUP):
             self._unwritten_event.set()
 
     async def _write_checkpoints(self) -> None:
+        # The first chunk to end after a write wakes the writer, which then gives the group
+        # CHECKPOINT_DELAY to fill; a full group, or the end of processing, cuts that short.
+        # The event is renewed after each write, so a chunk that ended during the write still
+        # gets the delay rather than an immediate write of its own.
         while self._processing or self._unwritten:
             if not self._unwritten:
                 await self._unwritten_event.wait()
-            elif len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
+                self._unwritten_event = anyio.Event()
+            if len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
                 with anyio.move_on_after(CHECKPOINT_DELAY):
                     await self._unwritten_event.wait()
-            self._unwritten_event = anyio.Event()
             done, self._unwritten = self._unwritten, []
             if not done:
                 continue
             if not await self._store.checkpoint(self._owner, self._job.id, done):
                 raise LeaseLost(f"batch job {self._job.id!r} is no longer held by this process")
+            self._unwritten_event = anyio.Event()
             if self._on_checkpoint is not None:
                 self._on_checkpoint()
                 self._on_checkpoint = None
@@ -367,7 +363,7 @@ class BatchRun:
                     continue
                 log.error("batch chunk failed", **fields)
                 record = error_record(
-                    f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    qualified_name(type(exc)),
                     str(exc),
                     "".join(traceback.format_exception(exc)),
                     attempt,
@@ -391,6 +387,20 @@ def _encode_chunk(items: Sequence[Any]) -> str:
             )
         )
     return encoded
+
+
+async def read_summary(store: Store, job_id: JobId) -> BatchSummary:
+    """The batch job's summary as the store holds it now."""
+    counts, errors = await store.batch_summary(job_id)
+    return BatchSummary(
+        job_id=job_id,
+        total_items=counts.total_items,
+        items_processed=counts.items_processed,
+        chunks_total=counts.chunks_total,
+        chunks_succeeded=counts.chunks_succeeded,
+        chunks_failed=counts.chunks_failed,
+        errors=tuple(_chunk_error(index, loads(error)) for index, error in errors),
+    )
 
 
 def _chunk_error(index: int, record: dict[str, Any]) -> ChunkError:

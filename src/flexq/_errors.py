@@ -101,3 +101,11 @@ class ScheduleNotFound(FlexqError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no schedule named {name!r}")
         self.name = name
+
+
+def qualified_name(cls: type) -> str:
+    """The name an error record gives an exception type: flexq's own by their public name."""
+    module = cls.__module__
+    if module.startswith("flexq."):
+        module = "flexq"
+    return f"{module}.{cls.__qualname__}"

@@ -13,7 +13,7 @@ import structlog
 
 from flexq._batch import BatchRun
 from flexq._context import Context
-from flexq._errors import InvalidArguments, JobTimeout, NotRetried
+from flexq._errors import InvalidArguments, JobTimeout, NotRetried, qualified_name
 from flexq._serialize import dumps, loads
 from flexq._states import Kind, State
 from flexq._store.base import ClaimedJob, Outcome, error_record
@@ -306,7 +306,7 @@ class Runner:
             error = error.error
         record = dumps(
             error_record(
-                _qualified_name(type(error)),
+                qualified_name(type(error)),
                 str(error),
                 "".join(traceback.format_exception(error)),
                 job.attempt,
@@ -365,10 +365,3 @@ def _stray_cancellation() -> bool:
     except RuntimeError:
         return False
     return task is not None and task.cancelling() == 0
-
-
-def _qualified_name(cls: type) -> str:
-    module = cls.__module__
-    if module.startswith("flexq."):
-        module = "flexq"
-    return f"{module}.{cls.__qualname__}"
