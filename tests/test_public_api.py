@@ -44,6 +44,10 @@ def test_every_error_derives_from_flexq_error() -> None:
 def test_abc_exports_the_store_protocol() -> None:
     """Store implementers find the protocol and its records in flexq.abc."""
     assert set(flexq.abc.__all__) == {
+        "BatchCounts",
+        "ChunkDone",
+        "Placement",
+        "WaitFacts",
         "ClaimedJob",
         "DependentJob",
         "EnqueueResult",

@@ -896,7 +896,9 @@ class Queue:
         """
         self._check_open()
         facts = await self._store.wait_facts(job_id)
-        runner, monitor = self._runner, self._monitor
+        working = self._group is not None
+        runner = self._runner if working else None
+        monitor = self._monitor if working else None
         local = LocalFacts(
             now=self._clock(),
             limits=self._limits(facts.info.tenant),

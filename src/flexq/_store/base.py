@@ -337,7 +337,10 @@ class Store(Protocol):
         """Record finished chunks and add them to the job's counts; False if not held."""
 
     async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
-        """The job's counts and (chunk index, JSON error) of each failed chunk."""
+        """The job's counts and (chunk index, JSON error) of each failed chunk.
+
+        Raises JobNotFound if there is no batch job with this id.
+        """
 
     # -- schedules --------------------------------------------------------------------------
 

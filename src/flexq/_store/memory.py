@@ -620,9 +620,9 @@ class MemoryStore:
     async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
         await anyio.lowlevel.checkpoint()
         row = self._rows.get(job_id)
-        if row is None:
+        if row is None or row.batch is None:
             raise JobNotFound(job_id)
-        batch = row.batch or _Batch()
+        batch = row.batch
         errors = sorted((d.chunk, d.error) for d in batch.done.values() if d.error is not None)
         return batch.counts(), errors
 
