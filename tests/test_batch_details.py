@@ -78,3 +78,37 @@ async def test_a_chunk_error_names_flexq_errors_by_their_public_name(queue_url: 
         assert sum((await queue.counts(task=child)).values()) == 4  # 2 per try
     finally:
         await queue.close()
+
+
+async def test_an_aborted_batch_keeps_the_chunks_that_ended_before_the_abort(
+    queue_url: str,
+) -> None:
+    """Chunks that ended before an abort count in the progress, even those whose checkpoint
+    was not written yet; the chunk that was running does not."""
+    queue = make_queue(queue_url)
+    ended: list[int] = []
+    third_running = anyio.Event()
+
+    @queue.batch(scope=1, name="tests.Aborted")
+    class Aborted:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return list(range(10))
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            if ctx.chunk == 2:
+                third_running.set()
+                await anyio.sleep_forever()
+            ended.append(chunk[0])
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            raise AssertionError("finish does not run after an abort")
+
+    async with queue:
+        job_id = await queue.enqueue(Aborted)
+        with anyio.fail_after(10):
+            await third_running.wait()
+        await queue.abort(job_id)
+        info = await queue.wait(job_id, timeout=10)
+    assert info.state is flexq.State.ABORTED
+    assert ended == [0, 1]
+    assert info.progress == flexq.BatchProgress(2, 10, 0, 10, 2, 0)

@@ -12,6 +12,7 @@ The runner hands a claimed batch job to :class:`BatchRun`, which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import traceback
@@ -51,6 +52,8 @@ CHECKPOINT_GROUP = 16
 """A checkpoint is written once this many chunks ended, or ``CHECKPOINT_DELAY`` after the
 first of them, whichever comes first."""
 CHECKPOINT_DELAY = 0.1
+STOP_CHECKPOINT_TIMEOUT = 2.0
+"""How long a stopped batch may take to record the chunks that ended before it stopped."""
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 """The largest a chunk's items may be, encoded as JSON."""
 
@@ -290,6 +293,11 @@ class BatchRun:
             while isinstance(first, ExceptionGroup):
                 first = first.exceptions[0]
             raise first from None
+        finally:
+            if self._unwritten:  # stopped (abort, shutdown): keep what the chunks that ended did
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    with anyio.move_on_after(STOP_CHECKPOINT_TIMEOUT):
+                        await self._store.checkpoint(self._owner, self._job.id, self._unwritten)
 
     async def _process_chunks(self, instance: Any) -> None:
         after = -1
