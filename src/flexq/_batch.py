@@ -314,14 +314,16 @@ class BatchRun:
 
     def _done(self, chunk: ChunkDone) -> None:
         self._unwritten.append(chunk)
-        if len(self._unwritten) >= CHECKPOINT_GROUP:
+        # The first chunk wakes an idle writer, which then waits CHECKPOINT_DELAY for more.
+        if len(self._unwritten) == 1 or len(self._unwritten) >= CHECKPOINT_GROUP:
             self._unwritten_event.set()
 
     async def _write_checkpoints(self) -> None:
         while self._processing or self._unwritten:
             if not self._unwritten:
                 await self._unwritten_event.wait()
-            elif len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
+            if len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
+                self._unwritten_event = anyio.Event()
                 with anyio.move_on_after(CHECKPOINT_DELAY):
                     await self._unwritten_event.wait()
             self._unwritten_event = anyio.Event()
