@@ -921,3 +921,214 @@ async def test_a_schema_version_1_database_is_migrated_and_works(tmp_path: Path)
     assert version == "2"
     assert "position" in columns
     assert {"flexq_batches", "flexq_chunks", "flexq_jobs_holding"} <= tables
+
+
+async def test_abort_a_batch_waiting_to_retry_its_start(queue_url: str) -> None:
+    """A batch whose start failed waits SCHEDULED for its retry, holding its slot; aborting it
+    frees the slot for the next holding batch."""
+    queue = make_queue(
+        queue_url,
+        limits=flexq.Limits(max_active_batches=1),
+        backoff=flexq.Backoff(base=3600, jitter=0.0),
+    )
+    log: list[str] = []
+
+    @queue.batch(retries=1)
+    class Failing:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            log.append("failing start")
+            raise RuntimeError("not yet")
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    plain = _recorder_batch(queue, log)
+    async with queue:
+        failing = await queue.enqueue(Failing)
+        next_id = await queue.enqueue(plain, "next")
+
+        async def scheduled() -> bool:
+            return (await queue.get(failing)).state is flexq.State.SCHEDULED
+
+        await until(scheduled)
+        assert (await queue.get(next_id)).state is flexq.State.HOLDING
+        usage = await queue.limits("default")
+        assert await queue.abort(failing) is flexq.State.ABORTED
+        following = await queue.wait(next_id, timeout=WAIT)
+    assert (usage.holding, usage.active_batches) == (1, 1)
+    assert following.state is flexq.State.COMPLETED
+    assert log[0] == "failing start"
+    assert log.count("failing start") == 1
+
+
+async def test_abort_a_batch_running_chunks_concurrently(queue_url: str) -> None:
+    """Aborting a batch cancels every chunk it runs at once; finish does not run."""
+    queue = make_queue(queue_url)
+    running = 0
+    three = anyio.Event()
+    cancelled: list[int | None] = []
+    finished: list[bool] = []
+
+    @queue.batch(scope=1, concurrency=3)
+    class Wide:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return list(range(9))
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            nonlocal running
+            running += 1
+            if running == 3:
+                three.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(ctx.chunk)
+                raise
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            finished.append(True)
+
+    async with queue:
+        job_id = await queue.enqueue(Wide)
+        with anyio.fail_after(WAIT):
+            await three.wait()
+        await queue.abort(job_id)
+        info = await queue.wait(job_id, timeout=WAIT)
+    assert info.state is flexq.State.ABORTED
+    assert sorted(cancelled, key=str) == [0, 1, 2]
+    assert finished == []
+    assert info.progress == flexq.BatchProgress(0, 9, 0, 9, 0, 0)
+
+
+async def test_a_finish_result_that_is_not_json_fails_the_batch(queue_url: str) -> None:
+    """finish returning a value JSON cannot hold fails the batch (no retry)."""
+    queue = make_queue(queue_url)
+
+    @queue.batch(retries=2)
+    class BadResult:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return [1]
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> object:
+            return object()
+
+    async with queue:
+        info = await queue.wait(await queue.enqueue(BadResult), timeout=WAIT)
+    assert (info.state, info.attempts) == (flexq.State.FAILED, 1)
+    assert info.error is not None
+    assert "finish() return value must be JSON values" in info.error.message
+
+
+async def test_a_chunk_too_large_to_store_fails_the_batch(
+    queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk whose JSON passes MAX_CHUNK_BYTES fails the batch with advice on the scope."""
+    monkeypatch.setattr("flexq._batch.MAX_CHUNK_BYTES", 64)
+    queue = make_queue(queue_url)
+
+    @queue.batch(scope=10)
+    class Big:
+        async def start(self, ctx: flexq.BatchContext) -> list[str]:
+            return ["x" * 10] * 10
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[str]) -> None:
+            raise AssertionError("no chunk runs")
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            raise AssertionError("finish does not run")
+
+    async with queue:
+        info = await queue.wait(await queue.enqueue(Big), timeout=WAIT)
+    assert info.state is flexq.State.FAILED
+    assert info.error is not None
+    assert "use a smaller scope or smaller items" in info.error.message
+
+
+async def test_a_batch_context_keeps_no_free_form_progress(queue_url: str) -> None:
+    """ctx.set_progress is refused in a batch: its progress is its chunk counts."""
+    queue = make_queue(queue_url)
+    refused: list[str] = []
+
+    @queue.batch
+    class Tries:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            with pytest.raises(flexq.InvalidArguments) as caught:
+                await ctx.set_progress({"pct": 5})
+            refused.append(str(caught.value))
+            return [1]
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    async with queue:
+        info = await queue.wait(await queue.enqueue(Tries), timeout=WAIT)
+    assert info.state is flexq.State.COMPLETED
+    assert refused == ["a batch job's progress is counted by its chunks"]
+    assert info.progress == flexq.BatchProgress(1, 1, 0, 1, 1, 0)
+
+
+async def test_a_keyed_batch_in_a_full_holding_queue_returns_the_holder(queue_url: str) -> None:
+    """With on_duplicate="return", enqueueing a key that a holding batch holds returns its id
+    even when the holding queue is full: nothing new would be written."""
+    queue = make_queue(queue_url, limits=flexq.Limits(max_holding=2, max_active_batches=0))
+    log: list[str] = []
+    recorder = _recorder_batch(queue, log)
+    await queue.open()
+    try:
+        keyed = await queue.enqueue(recorder, "keyed", key="nightly")
+        other = await queue.enqueue(recorder, "other")
+        with pytest.raises(flexq.DuplicateJob):
+            await queue.enqueue(recorder, "again", key="nightly")
+        again = await queue.enqueue(recorder, "again", key="nightly", on_duplicate="return")
+        with pytest.raises(flexq.LimitExceeded):
+            await queue.enqueue(recorder, "third", key="fresh", on_duplicate="return")
+        order = await queue.flex.order("default")
+    finally:
+        await queue.close()
+    assert again == keyed
+    assert order == [keyed, other]
+
+
+async def test_pruning_a_finished_batch_deletes_its_chunks(sqlite_url: str) -> None:
+    """When retention prunes a finished batch job, its stored chunks go with it."""
+    queue = make_queue(sqlite_url, retention=0.05, prune_interval=0.05)
+
+    @queue.batch(scope=2)
+    class Short:
+        async def start(self, ctx: flexq.BatchContext) -> list[int]:
+            return list(range(7))
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    async with queue:
+        job_id = await queue.enqueue(Short)
+        assert (await queue.wait(job_id, timeout=WAIT)).state is flexq.State.COMPLETED
+
+        async def pruned() -> bool:
+            try:
+                await queue.get(job_id)
+            except flexq.JobNotFound:
+                return True
+            return False
+
+        await until(pruned)
+    db = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        chunks = db.execute("SELECT COUNT(*) FROM flexq_chunks").fetchone()[0]
+        batches = db.execute("SELECT COUNT(*) FROM flexq_batches").fetchone()[0]
+    finally:
+        db.close()
+    assert (chunks, batches) == (0, 0)

@@ -162,16 +162,6 @@ class MemoryStore:
         return [self._enqueue_unit(unit, now) for unit in units]
 
     def _enqueue_unit(self, unit: EnqueueUnit, now: float) -> EnqueueResult:
-        batches: dict[str, int] = {}
-        for job in unit.jobs:
-            if job.kind is Kind.BATCH:
-                batches[job.tenant] = batches.get(job.tenant, 0) + 1
-        for tenant, count in batches.items():
-            limits = self._limits(tenant)
-            holding = len(self._holding.get(tenant, ()))
-            free = max(0, limits.max_active_batches - self._active.get(tenant, 0))
-            if holding + count - min(free, holding + count) > limits.max_holding:
-                return holding_full(tenant, limits.max_holding)
         ids: list[JobId] = []
         fresh: list[NewJob] = []
         keys: dict[tuple[str, str], JobId] = {}
@@ -186,6 +176,17 @@ class MemoryStore:
                 keys[(job.tenant, job.key)] = job.id
             fresh.append(job)
             ids.append(job.id)
+        # Only new jobs take room in the holding queue: a duplicate returns its holder's id.
+        batches: dict[str, int] = {}
+        for job in fresh:
+            if job.kind is Kind.BATCH:
+                batches[job.tenant] = batches.get(job.tenant, 0) + 1
+        for tenant, count in batches.items():
+            limits = self._limits(tenant)
+            holding = len(self._holding.get(tenant, ()))
+            free = max(0, limits.max_active_batches - self._active.get(tenant, 0))
+            if holding + count - min(free, holding + count) > limits.max_holding:
+                return holding_full(tenant, limits.max_holding)
         for job in fresh:
             if job.kind is Kind.BATCH:
                 state = State.HOLDING

@@ -400,16 +400,7 @@ class SQLiteStore:
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
         """Insert a unit with keys or batch jobs, row by row; raise to refuse it."""
-        batches: dict[str, int] = {}
-        for job in unit.jobs:
-            if job.kind is Kind.BATCH:
-                batches[job.tenant] = batches.get(job.tenant, 0) + 1
-        for tenant, count in batches.items():
-            limits = self._limits(tenant)
-            holding, active = _usage(db, tenant)
-            free = max(0, limits.max_active_batches - active)
-            if holding + count - min(free, holding + count) > limits.max_holding:
-                raise holding_full(tenant, limits.max_holding)
+        batches: set[str] = set()
         ids: list[JobId] = []
         for job in unit.jobs:
             if job.key is not None:
@@ -430,7 +421,15 @@ class SQLiteStore:
                     (_last_position(db, job.tenant) + HOLDING_STEP, job.id),
                 )
                 db.execute("INSERT INTO flexq_batches (job_id) VALUES (?)", (job.id,))
+                batches.add(job.tenant)
             ids.append(job.id)
+        # Checked once the new jobs are in: a duplicate (its holder's id) takes no room.
+        for tenant in batches:
+            limits = self._limits(tenant)
+            holding, active = _usage(db, tenant)
+            free = max(0, limits.max_active_batches - active)
+            if holding - min(free, holding) > limits.max_holding:
+                raise holding_full(tenant, limits.max_holding)
         for tenant in batches:
             self._admit(db, tenant)
         return ids
