@@ -460,3 +460,37 @@ async def test_holding_and_moves_need_an_open_queue(queue_url: str) -> None:
         await queue.flex.move_to_front("x")
     with pytest.raises(flexq.QueueClosed):
         await queue.limits("acme")
+
+
+async def test_holding_jobs_are_admitted_when_a_process_with_more_slots_polls(
+    queue_url: str,
+) -> None:
+    """Jobs held under max_active_batches=0 are admitted, in flex order, by a process whose
+    limits give slots (its dispatcher admits into free slots as it polls)."""
+    store: flexq.abc.Store | str = queue_url
+    if queue_url == "memory://":
+        from flexq._store.memory import MemoryStore
+
+        store = MemoryStore()
+    log: list[str] = []
+    producer = make_queue(store, limits=HOLD_ALL)
+    noop = register_noop(producer)
+    await producer.open()
+    try:
+        ids = await fill(producer, noop, 3)
+        await producer.flex.move_to_front(ids[2])
+    finally:
+        await producer.close()
+    worker = make_queue(store, limits=flexq.Limits(max_active_batches=1))
+    register_noop(worker, log)
+    await worker.open()
+    try:
+        explanation = await worker.explain(ids[2])
+    finally:
+        await worker.close()
+    assert explanation.whys == (flexq.Why.HOLDING, flexq.Why.HOLDING)
+    assert "a slot is free" in explanation.reasons[1].message
+    async with worker:
+        infos = [await worker.wait(job_id, timeout=WAIT) for job_id in ids]
+    assert {info.state for info in infos} == {flexq.State.COMPLETED}
+    assert log == ["acme-2", "acme-0", "acme-1"]
