@@ -523,7 +523,9 @@ class MemoryStore:
         holding = self._holding.get(tenant, [])
         ready_ahead = tenants_ahead = 0
         if row.state is State.QUEUED:
-            queued = [r for r in self._rows.values() if r.state is State.QUEUED]
+            # Suspects run alone (claim_suspect), not in turn: as in the SQLite store.
+            queued = [r for r in self._rows.values()
+                      if r.state is State.QUEUED and not r.lease_expiries]  # fmt: skip
             ready_ahead = sum(r.job.tenant == tenant and r.order < row.order for r in queued)
             tenants_ahead = len({r.job.tenant for r in queued} - {tenant})
         return WaitFacts(
