@@ -1132,3 +1132,83 @@ async def test_pruning_a_finished_batch_deletes_its_chunks(sqlite_url: str) -> N
     finally:
         db.close()
     assert (chunks, batches) == (0, 0)
+
+
+def _shared(queue_url: str) -> flexq.abc.Store | str:
+    """What two queues of one test pass to share one store (as two processes would)."""
+    from flexq._store.memory import MemoryStore
+
+    return MemoryStore() if queue_url == "memory://" else queue_url
+
+
+async def test_a_batch_stopped_at_shutdown_resumes_after_its_checkpoints(queue_url: str) -> None:
+    """A batch released at shutdown mid-chunks runs again without re-running start, and the
+    chunks checkpointed before the shutdown do not run again."""
+    store = _shared(queue_url)
+    starts: list[int] = []
+    executed: list[tuple[int, int | None]] = []
+    blocked = anyio.Event()
+
+    def register(queue: flexq.Queue, run: int, block: bool) -> type:
+        @queue.batch(scope=2, name="resumable")
+        class Resumable:
+            async def start(self, ctx: flexq.BatchContext) -> list[int]:
+                starts.append(run)
+                return list(range(12))
+
+            async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+                executed.append((run, ctx.chunk))
+                if block and ctx.chunk == 3:
+                    blocked.set()
+                    await anyio.sleep_forever()
+
+            async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> int:
+                return summary.items_processed
+
+        return Resumable
+
+    first = make_queue(store, grace_period=0.1)
+    batch = register(first, 1, block=True)
+    async with first:
+        job_id = await first.enqueue(batch)
+        with anyio.fail_after(WAIT):
+            await blocked.wait()
+
+        async def three_checkpointed() -> bool:
+            return (await progress_of(first, job_id)).chunks_succeeded == 3
+
+        await until(three_checkpointed)
+    second = make_queue(store)
+    register(second, 2, block=False)
+    async with second:
+        assert (await second.get(job_id)).attempts == 0  # the stopped attempt is not counted
+        info = await second.wait(job_id, timeout=WAIT)
+    assert info.state is flexq.State.COMPLETED
+    assert info.result == 12
+    assert starts == [1]
+    assert executed == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 3), (2, 4), (2, 5)]
+    assert info.progress == flexq.BatchProgress(12, 12, 0, 6, 6, 0)
+
+
+async def test_abort_from_another_process_stops_a_running_batch(queue_url: str) -> None:
+    """An abort through another queue on the same store reaches the worker with its next
+    lease renewal: the batch ends ABORTED, finish not run."""
+    store = _shared(queue_url)
+    worker = make_queue(store, lease=0.3)
+    operator = make_queue(store)
+    log: list[str] = []
+    started = anyio.Event()
+    blocked = _recorder_batch(worker, log, block_chunk=1, started=started)
+    _recorder_batch(operator, log)  # registers the same name: the operator may enqueue it
+    async with worker:
+        job_id = await worker.enqueue(blocked, "remote")
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        await operator.open()
+        try:
+            assert await operator.abort(job_id) is flexq.State.PROCESSING
+        finally:
+            await operator.close()
+        info = await worker.wait(job_id, timeout=WAIT)
+    assert info.state is flexq.State.ABORTED
+    assert "finish remote" not in log
