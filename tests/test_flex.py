@@ -494,3 +494,25 @@ async def test_holding_jobs_are_admitted_when_a_process_with_more_slots_polls(
         infos = [await worker.wait(job_id, timeout=WAIT) for job_id in ids]
     assert {info.state for info in infos} == {flexq.State.COMPLETED}
     assert log == ["acme-2", "acme-0", "acme-1"]
+
+
+async def test_with_default_limits_5_run_and_100_hold_then_enqueue_is_refused(
+    queue_url: str,
+) -> None:
+    """Default limits: 5 batch jobs admitted, 100 holding; the next raises LimitExceeded."""
+    queue = make_queue(queue_url)
+    noop = register_noop(queue)
+    await queue.open()  # no workers: the admitted jobs stay QUEUED
+    try:
+        ids = await fill(queue, noop, 105)
+        with pytest.raises(flexq.LimitExceeded, match="max_holding=100"):
+            await queue.enqueue(noop, "106th", tenant="acme")
+        usage = await queue.limits("acme")
+        counts = await queue.counts(tenant="acme")
+        order = await queue.flex.order("acme")
+    finally:
+        await queue.close()
+    assert usage == flexq.LimitUsage("acme", flexq.Limits(), holding=100, active_batches=5)
+    assert str(usage) == "acme: holding 100/100, active 5/5"
+    assert (counts[flexq.State.QUEUED], counts[flexq.State.HOLDING]) == (5, 100)
+    assert order == ids[5:]
