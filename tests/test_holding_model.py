@@ -1,7 +1,7 @@
 """The holding queue and active slots of both stores against a plain list model.
 
-A hypothesis state machine enqueues batch jobs, moves them in their tenant's holding queue,
-aborts them, and claims and ends admitted ones, on a :class:`MemoryStore` and a
+A hypothesis state machine enqueues batch jobs (some with keys), moves them in their tenant's
+holding queue, aborts them, and claims and ends admitted ones, on a :class:`MemoryStore` and a
 :class:`SQLiteStore` at once. After every step each store's ``holding_order`` and ``usage`` of
 every tenant, and the state of every job, must be what the model says: per tenant a list (the
 holding queue, first to be admitted first) and a set (the jobs in an active slot).
@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from flexq import (
+    DuplicateJob,
     IllegalTransition,
     InvalidArguments,
     JobNotFound,
@@ -35,7 +36,7 @@ from flexq import (
 )
 from flexq._limits import LimitTable
 from flexq._states import Kind
-from flexq._store.base import EnqueueUnit, NewJob, Outcome, Placement
+from flexq._store.base import EnqueueUnit, NewJob, OnDuplicate, Outcome, Placement
 from flexq._store.memory import MemoryStore
 from flexq._store.sqlite import SQLiteStore
 
@@ -58,10 +59,10 @@ MISSING = "missing"
 PLACES = ("front", "end", "before", "after", "index")
 
 
-def _batch_job(job_id: str, tenant: str) -> NewJob:
+def _batch_job(job_id: str, tenant: str, key: str | None) -> NewJob:
     return NewJob(
         id=job_id, task="batch", kind=Kind.BATCH, tenant=tenant, priority=0, args="[]",
-        kwargs="{}", max_attempts=1, timeout=None, run_at=NOW, key=None, parent_id=None,
+        kwargs="{}", max_attempts=1, timeout=None, run_at=NOW, key=key, parent_id=None,
     )  # fmt: skip
 
 
@@ -93,6 +94,7 @@ class Model:
     """Running jobs whose abort was requested."""
     states: dict[str, State] = dataclasses.field(default_factory=dict)
     tenant: dict[str, str] = dataclasses.field(default_factory=dict)
+    key: dict[str, str] = dataclasses.field(default_factory=dict)
     created: list[str] = dataclasses.field(default_factory=list)
 
     def admit(self, tenant: str) -> None:
@@ -147,34 +149,66 @@ class HoldingQueues(RuleBasedStateMachine):
 
     # -- rules ------------------------------------------------------------------------------
 
-    @rule(tenants=st.lists(st.sampled_from(TENANTS), min_size=1, max_size=3))
-    def enqueue(self, tenants: list[str]) -> None:
-        """A unit of batch jobs is written whole (HOLDING, then admitted) or refused whole."""
-        jobs = [_batch_job(f"j{next(self.ids)}", tenant) for tenant in tenants]
+    @rule(
+        specs=st.lists(
+            st.tuples(st.sampled_from(TENANTS), st.sampled_from([None, None, "k1", "k2"])),
+            min_size=1,
+            max_size=3,
+        ),
+        on_duplicate=st.sampled_from(["raise", "return"]),
+    )
+    def enqueue(self, specs: list[tuple[str, str | None]], on_duplicate: OnDuplicate) -> None:
+        """A unit of batch jobs is written whole (HOLDING, then admitted) or refused whole; a
+        key held by an unfinished job raises DuplicateJob or returns its holder, which takes
+        no room in the holding queue."""
+        jobs = [_batch_job(f"j{next(self.ids)}", tenant, key) for tenant, key in specs]
         model = self.model
-        refused = False
-        for tenant in set(tenants):
-            limits = LIMITS(tenant)
-            holding = len(model.holding.get(tenant, []))
-            free = max(0, limits.max_active_batches - len(model.active.get(tenant, [])))
-            count = tenants.count(tenant)
-            if holding + count - min(free, holding + count) > limits.max_holding:
-                refused = True
-        results = self.on_stores(lambda store: store.enqueue([EnqueueUnit(jobs, "raise")], NOW))
-        for (result,) in results:
-            if refused:
-                assert isinstance(result, LimitExceeded), result
-            else:
-                assert result == [job.id for job in jobs], result
-        if refused:
-            return
+        held = {
+            (model.tenant[j], key): j
+            for j, key in model.key.items()
+            if not model.states[j].is_final
+        }
+        expected: object = None
+        ids: list[str] = []
+        fresh: list[NewJob] = []
         for job in jobs:
+            if job.key is not None:
+                holder = held.get((job.tenant, job.key))
+                if holder is not None and on_duplicate == "raise":
+                    expected = DuplicateJob
+                    break
+                if holder is not None:
+                    ids.append(holder)
+                    continue
+                held[(job.tenant, job.key)] = job.id
+            fresh.append(job)
+            ids.append(job.id)
+        if expected is None:
+            for tenant in {job.tenant for job in fresh}:
+                limits = LIMITS(tenant)
+                holding = len(model.holding.get(tenant, []))
+                free = max(0, limits.max_active_batches - len(model.active.get(tenant, [])))
+                count = sum(job.tenant == tenant for job in fresh)
+                if holding + count - min(free, holding + count) > limits.max_holding:
+                    expected = LimitExceeded
+        unit = EnqueueUnit(jobs, on_duplicate)
+        results = self.on_stores(lambda store: store.enqueue([unit], NOW))
+        for (result,) in results:
+            if expected is None:
+                assert result == ids, result
+            else:
+                assert type(result) is expected, result
+        if expected is not None:
+            return
+        for job in fresh:
             model.created.append(job.id)
             model.tenant[job.id] = job.tenant
+            if job.key is not None:
+                model.key[job.id] = job.key
             model.states[job.id] = State.HOLDING
             model.holding.setdefault(job.tenant, []).append(job.id)
-        for tenant in tenants:
-            model.admit(tenant)
+        for job in fresh:
+            model.admit(job.tenant)
 
     @rule(data=st.data(), to=st.sampled_from(PLACES), place=st.integers(0, 7))
     def reorder(self, data: st.DataObject, to: str, place: int) -> None:
