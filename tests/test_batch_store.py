@@ -147,3 +147,38 @@ async def test_wait_facts_of_an_unknown_job(store: Store) -> None:
     """wait_facts raises JobNotFound for an unknown id."""
     with pytest.raises(JobNotFound):
         await store.wait_facts("nope")
+
+
+async def test_a_lost_batch_keeps_its_slot_until_it_fails_for_good(store: Store) -> None:
+    """A batch whose worker died goes back to QUEUED holding its slot; once its lease expired
+    max_lease_expiries times it FAILS and the tenant's first holding job is admitted."""
+    store.set_limits(LimitTable(Limits(max_active_batches=1)))
+    await put(store, job("lost"), job("next"), job("last"))
+    await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 1)
+    requeued = await store.recover(T0 + 2, 2)
+    assert requeued.requeued == ["lost"]
+    assert await store.usage("acme") == (2, 1)
+    assert await store.holding_order("acme") == ["next", "last"]
+    claimed = await store.claim_suspect(OWNER, TASKS, T0 + 3, T0 + 4)
+    assert claimed is not None
+    assert claimed.id == "lost"
+    failed = await store.recover(T0 + 5, 2)
+    assert failed.failed == ["lost"]
+    assert (await store.get("lost")).state is State.FAILED
+    assert (await store.get("next")).state is State.QUEUED
+    assert await store.holding_order("acme") == ["last"]
+    assert await store.usage("acme") == (1, 1)
+
+
+async def test_admit_fills_slots_that_limits_now_allow(store: Store) -> None:
+    """admit() moves holding jobs into slots that new limits opened, first in flex order."""
+    store.set_limits(LimitTable(Limits(max_active_batches=0)))
+    await put(store, job("a"), job("b"), job("c"), job("z", tenant="zeta"))
+    await store.reorder("c", Placement("front"))
+    assert await store.admit(T0) == []
+    store.set_limits(LimitTable(Limits(max_active_batches=2)))
+    assert await store.admit(T0) == ["acme", "zeta"]
+    assert await store.holding_order("acme") == ["b"]
+    queued = {i.id for i in await store.get_many(["a", "b", "c", "z"]) if i.state == "QUEUED"}
+    assert queued == {"c", "a", "z"}
+    assert await store.admit(T0) == []
