@@ -1212,3 +1212,61 @@ async def test_abort_from_another_process_stops_a_running_batch(queue_url: str) 
         info = await worker.wait(job_id, timeout=WAIT)
     assert info.state is flexq.State.ABORTED
     assert "finish remote" not in log
+
+
+async def test_a_start_that_returns_no_items_fails_clearly(queue_url: str) -> None:
+    """A start that returns something that is not iterable (None, say) fails the batch."""
+    queue = make_queue(queue_url)
+
+    @queue.batch(retries=2)
+    class Forgot:
+        async def start(self, ctx: flexq.BatchContext) -> None:
+            pass
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    async with queue:
+        info = await queue.wait(await queue.enqueue(Forgot), timeout=WAIT)
+    assert (info.state, info.attempts) == (flexq.State.FAILED, 1)
+    assert info.error is not None
+    assert "start must return or yield items, not None" in info.error.message
+
+
+async def test_batch_arguments_are_checked_against_start_at_enqueue(queue_url: str) -> None:
+    """enqueue binds its arguments to start's parameters after ctx, and writes nothing if
+    they do not fit."""
+    queue = make_queue(queue_url)
+
+    @queue.batch
+    class Takes:
+        async def start(self, ctx: flexq.BatchContext, since: str, *, limit: int = 5) -> list[int]:
+            return []
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[int]) -> None:
+            pass
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            pass
+
+    class NeedsInit(Takes):
+        def __init__(self, db: str) -> None:
+            self.db = db
+
+    with pytest.raises(flexq.InvalidArguments, match="constructible without arguments"):
+        queue.batch(name="needs-init")(NeedsInit)
+    await queue.open()
+    try:
+        for args, kwargs in (((), {}), (("a", "b"), {}), (("a",), {"other": 1})):
+            with pytest.raises(flexq.InvalidArguments):
+                await queue.enqueue(Takes, *args, kwargs=kwargs)
+        job_id = await queue.enqueue(Takes, "2026-01-01", kwargs={"limit": 2})
+        info = await queue.get(job_id)
+        counts = await queue.counts()
+    finally:
+        await queue.close()
+    assert (info.args, dict(info.kwargs)) == (("2026-01-01",), {"limit": 2})
+    assert sum(counts.values()) == 1
