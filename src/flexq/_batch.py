@@ -314,22 +314,25 @@ class BatchRun:
 
     def _done(self, chunk: ChunkDone) -> None:
         self._unwritten.append(chunk)
-        # The first chunk wakes an idle writer, which then waits CHECKPOINT_DELAY for more.
-        if len(self._unwritten) == 1 or len(self._unwritten) >= CHECKPOINT_GROUP:
+        if len(self._unwritten) in (1, CHECKPOINT_GROUP):
             self._unwritten_event.set()
 
     async def _write_checkpoints(self) -> None:
+        # The first chunk to end after a write wakes the writer, which then gives the group
+        # CHECKPOINT_DELAY to fill; a full group, or the end of processing, cuts that short.
+        # The event is renewed after each write, so a chunk that ended during the write still
+        # gets the delay rather than an immediate write of its own.
         while self._processing or self._unwritten:
             if not self._unwritten:
                 await self._unwritten_event.wait()
-            if len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
                 self._unwritten_event = anyio.Event()
+            if len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
                 with anyio.move_on_after(CHECKPOINT_DELAY):
                     await self._unwritten_event.wait()
-            self._unwritten_event = anyio.Event()
             done, self._unwritten = self._unwritten, []
             if done and not await self._store.checkpoint(self._owner, self._job.id, done):
                 raise LeaseLost(f"batch job {self._job.id!r} is no longer held by this process")
+            self._unwritten_event = anyio.Event()
 
     async def _run_chunk(self, instance: Any, index: int, encoded: str) -> ChunkDone:
         items = loads(encoded)
