@@ -78,7 +78,7 @@ async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
         await opened.close()
 
 
-def make_queue(url: str, **options: Any) -> flexq.Queue:
+def make_queue(url: str | Store, **options: Any) -> flexq.Queue:
     """A queue with test-friendly timings."""
     options.setdefault("workers", 4)
     options.setdefault("poll_interval", 0.05)

@@ -136,6 +136,8 @@ def explain(facts: WaitFacts, local: LocalFacts, parents: Sequence[JobId] = ()) 
         _add_pauses(facts, add)
     if info.state is State.QUEUED:
         _add_queued(facts, local, add)
+        if not reasons:  # a pause, throttling or a missing handler holds it back too
+            add(Why.NEXT, "nothing holds it back: a worker takes it at once")
     return Explanation(
         job_id=info.id,
         state=info.state,
@@ -177,8 +179,6 @@ def _add_queued(facts: WaitFacts, local: LocalFacts, add: _Add) -> None:
         add(Why.FAIR_SHARE, f"{facts.ready_ahead} ready jobs of tenant {info.tenant!r} run"
                             f" before it, and {facts.tenants_ahead} other tenants with ready"
                             " jobs share the workers fairly")  # fmt: skip
-    if not facts.ready_ahead and not facts.tenants_ahead and local.busy_workers < local.workers:
-        add(Why.NEXT, "nothing holds it back: a worker takes it at once")
 
 
 if TYPE_CHECKING:

@@ -196,9 +196,6 @@ class MemoryStore:
         self._admit(row.job.tenant)
 
     def _enqueue_unit(self, unit: EnqueueUnit, now: float) -> EnqueueResult:
-        refusal = self._holding_refusal([job for job in unit.jobs if job.kind is Kind.BATCH])
-        if refusal is not None:
-            return refusal
         ids: list[JobId] = []
         fresh: list[NewJob] = []
         keys: dict[tuple[str, str], JobId] = {}
@@ -213,6 +210,10 @@ class MemoryStore:
                 keys[(job.tenant, job.key)] = job.id
             fresh.append(job)
             ids.append(job.id)
+        # Only new jobs take room in the holding queue: a duplicate returns its holder's id.
+        refusal = self._holding_refusal([job for job in fresh if job.kind is Kind.BATCH])
+        if refusal is not None:
+            return refusal
         for job in fresh:
             if job.kind is Kind.BATCH:
                 state = State.HOLDING
@@ -547,7 +548,9 @@ class MemoryStore:
         holding = self._holding.get(tenant, [])
         ready_ahead = tenants_ahead = 0
         if row.state is State.QUEUED:
-            queued = [r for r in self._rows.values() if r.state is State.QUEUED]
+            # Suspects run alone (claim_suspect), not in turn: as in the SQLite store.
+            queued = [r for r in self._rows.values()
+                      if r.state is State.QUEUED and not r.lease_expiries]  # fmt: skip
             ready_ahead = sum(r.job.tenant == tenant and r.order < row.order for r in queued)
             tenants_ahead = len({r.job.tenant for r in queued} - {tenant})
         return WaitFacts(

@@ -432,8 +432,7 @@ class SQLiteStore:
 
     def _insert_keyed(self, db: sqlite3.Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
         """Insert a unit with keys or batch jobs, row by row; raise to refuse it."""
-        batches = [job for job in unit.jobs if job.kind is Kind.BATCH]
-        self._check_holding_room(db, batches)
+        batches: set[str] = set()
         ids: list[JobId] = []
         for job in unit.jobs:
             if job.key is not None:
@@ -451,22 +450,22 @@ class SQLiteStore:
             if job.kind is Kind.BATCH:
                 _hold(db, job.id, job.tenant)
                 db.execute("INSERT INTO flexq_batches (job_id) VALUES (?)", (job.id,))
+                batches.add(job.tenant)
             ids.append(job.id)
-        for tenant in sorted({job.tenant for job in batches}):
+        # Checked once the new jobs are in: a duplicate (its holder's id) takes no room.
+        self._check_holding_room(db, batches)
+        for tenant in sorted(batches):
             self._admit(db, tenant)
         return ids
 
-    def _check_holding_room(self, db: sqlite3.Connection, batches: Sequence[NewJob]) -> None:
-        """Raise LimitExceeded unless the holding queues can take these new batch jobs (after
-        the tenants' free active slots took what they can)."""
-        counts: dict[str, int] = {}
-        for job in batches:
-            counts[job.tenant] = counts.get(job.tenant, 0) + 1
-        for tenant, count in counts.items():
+    def _check_holding_room(self, db: sqlite3.Connection, tenants: Collection[str]) -> None:
+        """Raise LimitExceeded unless the tenants' holding queues, with the batch jobs just put
+        in them, fit their limits once the free active slots took what they can."""
+        for tenant in tenants:
             limits = self._limits(tenant)
             holding, active = _usage(db, tenant)
             free = max(0, limits.max_active_batches - active)
-            if holding + count - min(free, holding + count) > limits.max_holding:
+            if holding - min(free, holding) > limits.max_holding:
                 raise holding_full(tenant, limits.max_holding)
 
     # -- dispatching ------------------------------------------------------------------------
@@ -1187,7 +1186,6 @@ class SQLiteStore:
                     state = State(row[6])
                 rows.append((*row[:6], state, *row[7:]))
                 states[job.id] = state
-            self._check_holding_room(db, holding)
             _insert_all(db, rows)
             db.executemany(
                 "INSERT INTO flexq_batches (job_id) VALUES (?)",
@@ -1195,7 +1193,9 @@ class SQLiteStore:
             )
             for job in holding:
                 _hold(db, job.id, job.tenant)
-            for tenant in sorted({job.tenant for job in holding}):
+            tenants = {job.tenant for job in holding}
+            self._check_holding_room(db, tenants)
+            for tenant in sorted(tenants):
                 self._admit(db, tenant)
             db.executemany(
                 "INSERT OR IGNORE INTO flexq_dependencies (parent_id, child_id, on_parent_failure)"
