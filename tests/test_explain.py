@@ -248,6 +248,7 @@ async def test_a_task_this_process_does_not_run_is_named(shared_url: flexq.abc.S
     assert explanation.whys == (Why.NOT_RUN_HERE,)
     assert "no handler for task 'only-there'" in str(explanation)
     assert here.whys == (Why.NOT_RUN_HERE,)
+    assert "runs no workers" in str(here)
 
 
 async def test_a_final_job_waits_for_nothing(queue_url: str) -> None:
@@ -329,7 +330,7 @@ def _queued_facts(**changes: Any) -> WaitFacts:
 
 
 LOCAL = LocalFacts(
-    now=0.0, limits=flexq.Limits(), runs_task=True, workers=4, busy_workers=0, throttled=False,
+    now=0.0, limits=flexq.Limits(), runs_task=True, has_workers=True, workers=4, busy_workers=0, throttled=False,
     loop_lag=0.0,
 )  # fmt: skip
 

@@ -92,6 +92,9 @@ class LocalFacts:
     now: float
     limits: Limits
     runs_task: bool
+    """Whether this process has a handler for the job's task."""
+    has_workers: bool
+    """Whether this process runs workers (``async with queue:``), not only enqueues."""
     workers: int
     busy_workers: int
     throttled: bool
@@ -167,7 +170,10 @@ def _add_queued(facts: WaitFacts, local: LocalFacts, add: _Add) -> None:
     if any(e.type == "flexq.LeaseExpired" for e in info.errors[-1:]):
         add(Why.SUSPECT, "its last worker died while running it: it runs alone, once the"
                          " running jobs are done")  # fmt: skip
-    if not local.runs_task:
+    if not local.has_workers:
+        add(Why.NOT_RUN_HERE, "this process runs no workers (it only enqueues and queries); a"
+                              f" worker process with task {info.task!r} will run it")  # fmt: skip
+    elif not local.runs_task:
         add(Why.NOT_RUN_HERE, f"this process has no handler for task {info.task!r}; a process"
                               " that registered it will run it")  # fmt: skip
     if local.throttled:

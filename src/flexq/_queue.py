@@ -902,7 +902,8 @@ class Queue:
         local = LocalFacts(
             now=self._clock(),
             limits=self._limits(facts.info.tenant),
-            runs_task=facts.info.task in self._tasks and runner is not None,
+            runs_task=facts.info.task in self._tasks,
+            has_workers=runner is not None,
             workers=self.workers,
             busy_workers=runner.in_flight if runner is not None else 0,
             throttled=monitor.overloaded if monitor is not None else False,
