@@ -330,8 +330,8 @@ def _queued_facts(**changes: Any) -> WaitFacts:
 
 
 LOCAL = LocalFacts(
-    now=0.0, limits=flexq.Limits(), runs_task=True, has_workers=True, workers=4, busy_workers=0, throttled=False,
-    loop_lag=0.0,
+    now=0.0, limits=flexq.Limits(), runs_task=True, has_workers=True, workers=4,
+    busy_workers=0, throttled=False, loop_lag=0.0,
 )  # fmt: skip
 
 
