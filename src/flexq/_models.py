@@ -87,6 +87,8 @@ class JobInfo:
     """The last value the handler passed to ``ctx.set_progress``; for a batch job, its
     :class:`BatchProgress`."""
     abort_requested: bool
+    callouts: int = 0
+    """HTTP requests its attempts made through ``ctx.http``, counted as each attempt ends."""
 
     @property
     def error(self) -> JobError | None:
