@@ -6,10 +6,14 @@ import collections
 import contextlib
 import http.server
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,7 +25,6 @@ from tests.conftest import make_queue
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, MutableMapping
-    from pathlib import Path
 
     import httpx
 
@@ -162,8 +165,9 @@ async def test_callout_concurrency_bounds_the_callout_pool(service: Service) -> 
 async def test_callout_jobs_leave_the_workers_to_other_jobs(
     queue_url: str, service: Service
 ) -> None:
-    """While callout jobs fill their pool waiting on a service, a plain job still runs."""
-    queue = make_queue(queue_url, workers=1, callout_concurrency=4)
+    """While callout jobs fill their pool waiting on a service, a plain job still runs, and
+    explain names the full pool (not the idle workers) as what holds the next one back."""
+    queue = make_queue(queue_url, workers=8, callout_concurrency=4)
 
     @queue.task(callout=True)
     async def stuck(ctx: flexq.Context) -> None:
@@ -180,7 +184,10 @@ async def test_callout_jobs_leave_the_workers_to_other_jobs(
         assert await anyio.to_thread.run_sync(service.crowded.wait, 10)
         info = await queue.wait(await queue.enqueue(plain), timeout=10)
         assert info.result == "ran"
-        assert queue.statistics().running == 4  # the callout pool, full all along
+        statistics = queue.statistics()
+        assert (statistics.running, statistics.callouts_running) == (4, 4)
+        explanation = await queue.explain(await queue.enqueue(stuck))
+        assert flexq.Why.WORKERS_BUSY in {reason.why for reason in explanation.reasons}
         service.closing.set()
 
 
@@ -416,3 +423,29 @@ async def test_a_version_2_database_gains_the_callout_count(tmp_path: Path) -> N
     (version,) = migrated.execute("SELECT value FROM flexq_meta WHERE key = 'schema_version'")
     migrated.close()
     assert version == ("3",)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_callouts_example_runs(backend: str, tmp_path: Path) -> None:
+    """examples/callouts.py runs its chains of callouts, retrying the payment service's 503."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "callouts.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--backend", backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for order, tenant in [("A-1", "acme"), ("A-2", "acme"), ("G-1", "globex")]:
+        assert any(
+            line.startswith(f"receipt for {order} (p-") and line.endswith(f"{tenant}@example.com")
+            for line in lines
+        ), result.stdout
+    steps = [line.split() for line in lines if line.startswith("  ")]
+    assert [step[:2] for step in steps] == [
+        ["reserve_stock", "COMPLETED"], ["charge_card", "COMPLETED"], ["send_receipt", "COMPLETED"],
+    ]  # fmt: skip

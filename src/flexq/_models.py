@@ -146,6 +146,8 @@ class QueueStatistics:
     """Whether claiming is paused now because the host is busy."""
     throttle_events: int
     """How many times claiming was paused for host load since the queue opened."""
+    callouts_running: int = 0
+    """Jobs of callout tasks this process holds (counted in ``running`` too)."""
 
 
 class Call:

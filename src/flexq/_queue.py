@@ -854,6 +854,7 @@ class Queue:
             loop_lag=monitor.lag if monitor is not None else 0.0,
             throttled=monitor.overloaded if monitor is not None else False,
             throttle_events=monitor.episodes if monitor is not None else 0,
+            callouts_running=runner.callouts_in_flight if runner is not None else 0,
         )
 
     # -- control ----------------------------------------------------------------------------
@@ -936,12 +937,18 @@ class Queue:
         self._check_open()
         facts = await self._store.wait_facts(job_id)
         runner, monitor = self._runner, self._monitor
+        task = self._tasks.get(facts.info.task)
+        callout = task is not None and task.callout
+        busy = 0
+        if runner is not None:
+            busy = runner.callouts_in_flight
+            busy = busy if callout else runner.in_flight - busy
         local = LocalFacts(
             now=self._clock(),
             limits=self._limits(facts.info.tenant),
-            runs_task=facts.info.task in self._tasks and runner is not None,
-            workers=self.workers,
-            busy_workers=runner.in_flight if runner is not None else 0,
+            runs_task=task is not None and runner is not None,
+            workers=self.callout_concurrency if callout else self.workers,
+            busy_workers=busy,
             throttled=monitor.overloaded if monitor is not None else False,
             loop_lag=monitor.lag if monitor is not None else 0.0,
         )
