@@ -57,9 +57,9 @@ class Dispatcher:
         tasks: Collection[str],
         fairness: DeficitRoundRobin,
         monitor: LoadMonitor,
-        worker_tasks: Collection[str] | None = None,
-        callout_tasks: Collection[str] = (),
-        callout_fairness: DeficitRoundRobin | None = None,
+        worker_tasks: Collection[str],
+        callout_tasks: Collection[str],
+        callout_fairness: DeficitRoundRobin,
         clock: Callable[[], float],
         lease: float,
         poll_interval: float,
@@ -69,9 +69,10 @@ class Dispatcher:
         self._owner = owner
         self._tasks = tasks
         self._fairness = fairness
-        self._pools = [_Pool(tasks if worker_tasks is None else worker_tasks, fairness, False)]
-        if callout_fairness is not None:
-            self._pools.append(_Pool(callout_tasks, callout_fairness, True))
+        self._pools = (
+            _Pool(worker_tasks, fairness, callout=False),
+            _Pool(callout_tasks, callout_fairness, callout=True),
+        )
         self._monitor = monitor
         self._clock = clock
         self._lease = lease
@@ -96,13 +97,10 @@ class Dispatcher:
         ``tasks``, if known, are the tasks of the new work: only the pools that run one of
         them look for it.
         """
-        if len(self._pools) == 1:
-            self._fairness.add(tenants)
-        else:
-            tenants = list(tenants)
-            for pool in self._pools:
-                if pool.tasks and (tasks is None or any(task in pool.tasks for task in tasks)):
-                    pool.fairness.add(tenants)
+        tenants = list(tenants)
+        for pool in self._pools:
+            if pool.tasks and (tasks is None or any(task in pool.tasks for task in tasks)):
+                pool.fairness.add(tenants)
         if run_at is not None and (self._next_run_at is None or run_at < self._next_run_at):
             self._next_run_at = run_at
         self._wake.set()
