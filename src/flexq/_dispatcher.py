@@ -11,6 +11,7 @@ import structlog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
+    from collections.abc import Set as AbstractSet
 
     from flexq._fairness import DeficitRoundRobin
     from flexq._models import JobId
@@ -26,7 +27,7 @@ class _Pool:
     """The runner's workers, or its callout pool: the tasks whose jobs it runs, and the turns
     of the tenants that have such jobs ready."""
 
-    tasks: Collection[str]
+    tasks: AbstractSet[str]
     fairness: DeficitRoundRobin
     callout: bool
 
@@ -57,8 +58,8 @@ class Dispatcher:
         tasks: Collection[str],
         fairness: DeficitRoundRobin,
         monitor: LoadMonitor,
-        worker_tasks: Collection[str],
-        callout_tasks: Collection[str],
+        worker_tasks: AbstractSet[str],
+        callout_tasks: AbstractSet[str],
         callout_fairness: DeficitRoundRobin,
         clock: Callable[[], float],
         lease: float,
@@ -69,6 +70,7 @@ class Dispatcher:
         self._owner = owner
         self._tasks = tasks
         self._fairness = fairness
+        self._callout_tasks = callout_tasks
         self._pools = (
             _Pool(worker_tasks, fairness, callout=False),
             _Pool(callout_tasks, callout_fairness, callout=True),
@@ -97,10 +99,13 @@ class Dispatcher:
         ``tasks``, if known, are the tasks of the new work: only the pools that run one of
         them look for it.
         """
-        tenants = list(tenants)
-        for pool in self._pools:
-            if pool.tasks and (tasks is None or any(task in pool.tasks for task in tasks)):
-                pool.fairness.add(tenants)
+        if not self._callout_tasks:  # every job is the workers'
+            self._fairness.add(tenants)
+        else:
+            tenants = list(tenants)
+            for pool in self._pools:
+                if pool.tasks and (tasks is None or not pool.tasks.isdisjoint(tasks)):
+                    pool.fairness.add(tenants)
         if run_at is not None and (self._next_run_at is None or run_at < self._next_run_at):
             self._next_run_at = run_at
         self._wake.set()

@@ -328,13 +328,19 @@ class Runner:
                 loads(job.args) if job.args != "[]" else [],
                 loads(job.kwargs) if job.kwargs != "{}" else {},
             )
-            if context is None:
-                value = await self._run_handler(task, job, args, kwargs)
-            else:
-                tally = current_tally.set(context.callout_tally)
-                try:
-                    value = await self._run_handler(task, job, args, kwargs)
-                finally:
+            tally = None if context is None else current_tally.set(context.callout_tally)
+            try:
+                if job.timeout is None:
+                    value = await task.fn(*args, **kwargs)
+                else:
+                    with anyio.move_on_after(job.timeout) as limit:
+                        value = await task.fn(*args, **kwargs)
+                    if limit.cancelled_caught:
+                        raise JobTimeout(
+                            f"attempt {job.attempt} ran over its {job.timeout} s timeout"
+                        )
+            finally:
+                if context is not None and tally is not None:
                     current_tally.reset(tally)
                     attempt.callouts = context.callouts
         except Exception as exc:
@@ -349,16 +355,6 @@ class Runner:
             return dumps(value, "a task's return value"), None
         except InvalidArguments as exc:
             return None, NotRetried(exc)
-
-    @staticmethod
-    async def _run_handler(
-        task: Task[Any], job: ClaimedJob, args: list[Any], kwargs: dict[str, Any]
-    ) -> Any:
-        if job.timeout is None:
-            return await task.fn(*args, **kwargs)
-        with anyio.move_on_after(job.timeout):
-            return await task.fn(*args, **kwargs)
-        raise JobTimeout(f"attempt {job.attempt} ran over its {job.timeout} s timeout")
 
     def _failure(self, job: ClaimedJob, error: BaseException) -> Outcome:
         now = self._clock()
