@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.server
+import json
 import logging
 import os
 import sqlite3
@@ -21,12 +22,17 @@ import pytest
 import structlog
 
 import flexq
+from flexq._store.base import error_record
+from flexq.abc import Outcome
 from tests.conftest import make_queue
+from tests.test_store_conformance import OWNER, T0, claim, job, put
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, MutableMapping
 
     import httpx
+
+    from flexq.abc import Store
 
 
 class Service(http.server.ThreadingHTTPServer):
@@ -449,3 +455,19 @@ def test_the_callouts_example_runs(backend: str, tmp_path: Path) -> None:
     assert [step[:2] for step in steps] == [
         ["reserve_stock", "COMPLETED"], ["charge_card", "COMPLETED"], ["send_receipt", "COMPLETED"],
     ]  # fmt: skip
+
+
+async def test_stores_add_up_the_callouts_of_every_attempt(store: Store) -> None:
+    """Each outcome's callouts are added to the job's, for a release and a retry too."""
+    await put(store, job("a"))
+    error = json.dumps(error_record("E", "", "", 1, T0))
+    steps = [
+        Outcome("a", flexq.State.QUEUED, release=True, callouts=2),
+        Outcome("a", flexq.State.QUEUED, error=error, run_at=T0, callouts=1),
+        Outcome("a", flexq.State.COMPLETED, callouts=4),
+    ]
+    for outcome in steps:
+        assert await claim(store) == ["a"]
+        assert await store.report(OWNER, [outcome], T0) == ["a"]
+    info = await store.get("a")
+    assert (info.state, info.callouts) == (flexq.State.COMPLETED, 7)
