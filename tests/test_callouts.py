@@ -471,3 +471,31 @@ async def test_stores_add_up_the_callouts_of_every_attempt(store: Store) -> None
         assert await store.report(OWNER, [outcome], T0) == ["a"]
     info = await store.get("a")
     assert (info.state, info.callouts) == (flexq.State.COMPLETED, 7)
+
+
+async def test_a_suspect_callout_job_runs_alone_in_the_callout_pool() -> None:
+    """A callout job whose process died is run again alone, in the callout pool."""
+    queue = make_queue("memory://")
+    store = queue.store
+    running = anyio.Event()
+    release = anyio.Event()
+
+    @queue.task(callout=True)
+    async def call() -> None:
+        running.set()
+        await release.wait()
+
+    await queue.open()
+    job_id = await queue.enqueue(call)
+    now = time.time()
+    (claimed,) = await store.claim("a-dead-process", {"default": 1}, {call.name}, now, now - 1)
+    assert claimed.id == job_id
+    await queue.close()
+    async with queue:
+        with anyio.fail_after(10):
+            await running.wait()
+        statistics = queue.statistics()
+        assert (statistics.running, statistics.callouts_running) == (1, 1)
+        release.set()
+        info = await queue.wait(job_id, timeout=10)
+    assert (info.state, info.attempts) == (flexq.State.COMPLETED, 2)
