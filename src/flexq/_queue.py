@@ -941,8 +941,8 @@ class Queue:
         callout = task is not None and task.callout
         busy = 0
         if runner is not None:
-            busy = runner.callouts_in_flight
-            busy = busy if callout else runner.in_flight - busy
+            in_callout_pool = runner.callouts_in_flight
+            busy = in_callout_pool if callout else runner.in_flight - in_callout_pool
         local = LocalFacts(
             now=self._clock(),
             limits=self._limits(facts.info.tenant),
