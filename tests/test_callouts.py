@@ -25,6 +25,7 @@ import flexq
 from flexq._store.base import error_record
 from flexq.abc import Outcome
 from tests.conftest import make_queue
+from tests.test_schedules import Clock, advance_and_settle, scheduled_jobs, wait_until
 from tests.test_store_conformance import OWNER, T0, claim, job, put
 
 if TYPE_CHECKING:
@@ -499,3 +500,38 @@ async def test_a_suspect_callout_job_runs_alone_in_the_callout_pool() -> None:
         release.set()
         info = await queue.wait(job_id, timeout=10)
     assert (info.state, info.attempts) == (flexq.State.COMPLETED, 2)
+
+
+async def test_a_reserved_callout_schedule_starts_while_the_callout_pool_is_full() -> None:
+    """The job of a reserve=True schedule of a callout task starts on a reserved worker,
+    even while the callout pool is full."""
+    clock = Clock()
+    queue = make_queue("memory://", workers=1, callout_concurrency=1, clock=clock)
+    release = anyio.Event()
+
+    @queue.task(callout=True)
+    async def hog() -> None:
+        await release.wait()
+
+    @queue.task(callout=True, name="ping")
+    async def ping() -> str:
+        return "pong"
+
+    async with queue:
+        hogs = [await queue.enqueue(hog) for _ in range(2)]
+        await wait_until(lambda: _callouts_running(queue, 1))
+        await queue.schedule("ping", "0 * * * *", ping, reserve=True)
+        await advance_and_settle(queue, clock, "ping", minutes=30)
+        (job,) = await scheduled_jobs(queue)
+        done = await queue.wait(job.id, timeout=10)
+        counts = await queue.counts()
+        release.set()
+        for hog_id in hogs:
+            await queue.wait(hog_id, timeout=10)
+    assert (done.state, done.result) == (flexq.State.COMPLETED, "pong")
+    assert (counts[flexq.State.PROCESSING], counts[flexq.State.QUEUED]) == (1, 1)
+
+
+async def _callouts_running(queue: flexq.Queue, count: int) -> bool:
+    await anyio.lowlevel.checkpoint()
+    return queue.statistics().callouts_running == count
