@@ -7,6 +7,7 @@ from flexq._batch import BatchContext as BatchContext
 from flexq._batch import BatchSummary as BatchSummary
 from flexq._batch import ChunkError as ChunkError
 from flexq._context import Context as Context
+from flexq._errors import CalloutFailed as CalloutFailed
 from flexq._errors import DuplicateJob as DuplicateJob
 from flexq._errors import FlexqError as FlexqError
 from flexq._errors import IllegalTransition as IllegalTransition
@@ -52,6 +53,7 @@ __all__ = [
     "BatchProgress",
     "BatchSummary",
     "Call",
+    "CalloutFailed",
     "ChunkError",
     "Context",
     "DuplicateJob",

@@ -341,11 +341,14 @@ class BatchRun:
             if len(self._unwritten) < CHECKPOINT_GROUP and self._processing:
                 with anyio.move_on_after(CHECKPOINT_DELAY):
                     await self._unwritten_event.wait()
-            done, self._unwritten = self._unwritten, []
+            done = list(self._unwritten)
             if not done:
                 continue
+            # Taken off the list only once written: if the write is cancelled (abort,
+            # shutdown), the stop's last checkpoint still records them (a repeat counts once).
             if not await self._store.checkpoint(self._owner, self._job.id, done):
                 raise LeaseLost(f"batch job {self._job.id!r} is no longer held by this process")
+            del self._unwritten[: len(done)]
             self._unwritten_event = anyio.Event()
             if self._on_checkpoint is not None:
                 self._on_checkpoint()

@@ -7,12 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from flexq._callouts import CalloutTally
 from flexq._errors import JobNotFound, LimitExceeded
 from flexq._serialize import dumps
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from datetime import datetime
+
+    import httpx
 
     from flexq._models import JSON, JobId
     from flexq._queue import Queue
@@ -38,6 +41,7 @@ class Context:
         self._owner = owner
         self.children_enqueued = 0
         """How many jobs this attempt enqueued through :meth:`enqueue`."""
+        self.callout_tally = CalloutTally(job, queue.limits_of(job.tenant).max_callouts_per_run)
 
     @property
     def job_id(self) -> JobId:
@@ -73,6 +77,28 @@ class Context:
     def parent_id(self) -> JobId | None:
         """The job that enqueued this one through its context, if any."""
         return self._job.parent_id
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The queue's shared ``httpx.AsyncClient``, for callouts to other services.
+
+        Its connections are pooled between all jobs. Each request is logged (method, host,
+        status, duration) and counted on the job (``JobInfo.callouts``). A request that times
+        out (``Queue(callout_timeout=...)``, or a ``timeout=`` of its own) or cannot be sent,
+        and a 5xx response, raise :class:`flexq.CalloutFailed`; a 4xx response is returned for
+        the handler to judge. The task's ``timeout`` cancels a request that outlives it. Mark
+        tasks that mostly call out with ``@queue.task(callout=True)``.
+
+        Raises:
+            LimitExceeded: (on a request) this run made ``max_callouts_per_run`` requests
+                already (see :class:`flexq.Limits`).
+        """
+        return self._queue._http_client()
+
+    @property
+    def callouts(self) -> int:
+        """How many requests this attempt made through :attr:`http`."""
+        return self.callout_tally.count
 
     @functools.cached_property
     def log(self) -> Any:

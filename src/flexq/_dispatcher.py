@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import TYPE_CHECKING
 
 import anyio
@@ -10,6 +11,7 @@ import structlog
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
+    from collections.abc import Set as AbstractSet
 
     from flexq._fairness import DeficitRoundRobin
     from flexq._models import JobId
@@ -18,6 +20,16 @@ if TYPE_CHECKING:
     from flexq._throttle import LoadMonitor
 
 log = structlog.get_logger("flexq")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Pool:
+    """The runner's workers, or its callout pool: the tasks whose jobs it runs, and the turns
+    of the tenants that have such jobs ready."""
+
+    tasks: AbstractSet[str]
+    fairness: DeficitRoundRobin
+    callout: bool
 
 
 class Dispatcher:
@@ -32,6 +44,9 @@ class Dispatcher:
     running jobs finish, runs the suspect by itself, and only then claims again, so a job that
     kills its process takes no innocent job with it. A suspect batch job runs alone only until
     it commits its first chunk.
+
+    Jobs of callout tasks are claimed for the runner's callout pool, with deficit round robin
+    turns of their own, as places free up there; the other jobs for the workers.
     """
 
     def __init__(
@@ -43,6 +58,9 @@ class Dispatcher:
         tasks: Collection[str],
         fairness: DeficitRoundRobin,
         monitor: LoadMonitor,
+        worker_tasks: AbstractSet[str],
+        callout_tasks: AbstractSet[str],
+        callout_fairness: DeficitRoundRobin,
         clock: Callable[[], float],
         lease: float,
         poll_interval: float,
@@ -52,6 +70,11 @@ class Dispatcher:
         self._owner = owner
         self._tasks = tasks
         self._fairness = fairness
+        self._callout_tasks = callout_tasks
+        self._pools = (
+            _Pool(worker_tasks, fairness, callout=False),
+            _Pool(callout_tasks, callout_fairness, callout=True),
+        )
         self._monitor = monitor
         self._clock = clock
         self._lease = lease
@@ -64,9 +87,25 @@ class Dispatcher:
         self._isolating = False
         self._reserved: list[JobId] = []
 
-    def notify(self, tenants: Iterable[str] = (), run_at: float | None = None) -> None:
-        """Tell the dispatcher about new ready work (tenants) or a job waiting until ``run_at``."""
-        self._fairness.add(tenants)
+    def notify(
+        self,
+        tenants: Iterable[str] = (),
+        run_at: float | None = None,
+        *,
+        tasks: Collection[str] | None = None,
+    ) -> None:
+        """Tell the dispatcher about new ready work (tenants) or a job waiting until ``run_at``.
+
+        ``tasks``, if known, are the tasks of the new work: only the pools that run one of
+        them look for it.
+        """
+        if not self._callout_tasks:  # every job is the workers'
+            self._fairness.add(tenants)
+        else:
+            tenants = list(tenants)
+            for pool in self._pools:
+                if pool.tasks and (tasks is None or not pool.tasks.isdisjoint(tasks)):
+                    pool.fairness.add(tenants)
         if run_at is not None and (self._next_run_at is None or run_at < self._next_run_at):
             self._next_run_at = run_at
         self._wake.set()
@@ -123,7 +162,7 @@ class Dispatcher:
             deadline = min(deadline, self._next_run_at)
         wait = deadline - now
         blocked = (self._isolating or self._suspects) and self._runner.in_flight
-        if self._runner.free_slots and self._fairness and not blocked:
+        if not blocked and any(pool.fairness and self._free(pool) for pool in self._pools):
             wait = 0.0
         if wait > 0:
             with anyio.move_on_after(wait):
@@ -136,10 +175,12 @@ class Dispatcher:
         now = self._clock()
         if now >= self._next_poll or (self._next_run_at is not None and self._next_run_at <= now):
             tenants, self._next_run_at = await self._store.promote(now)
-            self._fairness.add(tenants)
+            self.notify(tenants)
         if now >= self._next_poll:
             self._fairness.add(await self._store.admit(now))
-            self._fairness.add(await self._store.ready_tenants(self._tasks))
+            for pool in self._pools:
+                if pool.tasks:
+                    pool.fairness.add(await self._store.ready_tenants(pool.tasks))
             self._suspects = await self._store.has_suspects(self._tasks)
             self._next_poll = self._clock() + self._poll_interval
         if self._isolating or self._suspects:
@@ -148,20 +189,28 @@ class Dispatcher:
             self._isolating = False
             if self._suspects and await self._run_suspect():
                 return
-        while not self._stopped and self._fairness and self._runner.free_slots > 0:
-            wanted = self._fairness.allocate(self._runner.free_slots)
+        for pool in self._pools:
+            await self._claim_for(pool)
+
+    def _free(self, pool: _Pool) -> int:
+        return self._runner.callout_free if pool.callout else self._runner.free_slots
+
+    async def _claim_for(self, pool: _Pool) -> None:
+        """Claim jobs of the pool's tasks for its free places, tenant by tenant."""
+        while not self._stopped and pool.fairness and (free := self._free(pool)) > 0:
+            wanted = pool.fairness.allocate(free)
             now = self._clock()
-            jobs = await self._store.claim(self._owner, wanted, self._tasks, now, now + self._lease)
+            jobs = await self._store.claim(self._owner, wanted, pool.tasks, now, now + self._lease)
             if self._stopped:
                 # The queue began to close while we claimed: the runner releases these.
-                self._runner.submit(jobs)
+                self._runner.submit(jobs, callout=pool.callout)
                 return
             got = collections.Counter(job.tenant for job in jobs)
             for tenant, count in wanted.items():
                 if got[tenant] < count:
-                    self._fairness.discard(tenant)
+                    pool.fairness.discard(tenant)
             jobs.sort(key=lambda job: job.order)
-            self._runner.submit(jobs)
+            self._runner.submit(jobs, callout=pool.callout)
 
     async def _claim_reserved(self) -> None:
         """Claim the jobs :meth:`run_reserved` names, as many as reserved workers are free.
@@ -176,7 +225,10 @@ class Dispatcher:
         jobs = await self._store.claim_jobs(
             self._owner, job_ids[:free], self._tasks, now, now + self._lease
         )
-        self._runner.submit(jobs)
+        self._runner.submit(jobs)  # on the reserved workers, callout tasks' jobs too
+
+    def _is_callout(self, task: str) -> bool:
+        return any(pool.callout and task in pool.tasks for pool in self._pools)
 
     async def _run_suspect(self) -> bool:
         """Claim a job whose worker died while running it, to run on its own."""
@@ -188,5 +240,5 @@ class Dispatcher:
         log.warning("running a job whose previous worker died, alone", job_id=job.id,
                     tenant=job.tenant, task=job.task, attempt=job.attempt)  # fmt: skip
         self._isolating = True
-        self._runner.submit([job])
+        self._runner.submit([job], callout=self._is_callout(job.task))
         return True

@@ -62,6 +62,20 @@ class LimitExceeded(FlexqError):
     """A configured limit would be exceeded; nothing was written."""
 
 
+class CalloutFailed(FlexqError):
+    """A request through ``ctx.http`` timed out, could not be sent, or got a 5xx response.
+
+    It fails the attempt, which follows the task's retry policy. ``status`` is None when no
+    response came.
+    """
+
+    def __init__(self, method: str, url: str, status: int | None, reason: str) -> None:
+        super().__init__(f"callout {method} {url} {reason}")
+        self.method = method
+        self.url = url
+        self.status = status
+
+
 class QueueClosed(FlexqError):
     """The queue is not open: use ``async with queue:`` or ``await queue.open()`` first."""
 

@@ -26,9 +26,13 @@ class Limits:
     waiting to retry their ``start``)."""
     max_children_per_run: int = 50
     """Jobs one run of a handler may enqueue through its context."""
+    max_callouts_per_run: int = 100
+    """HTTP requests one run of a handler may make through ``ctx.http``."""
 
     def __post_init__(self) -> None:
-        for name in ("max_holding", "max_active_batches", "max_children_per_run"):
+        for name in (
+            "max_holding", "max_active_batches", "max_children_per_run", "max_callouts_per_run",
+        ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArguments(f"{name} must be an int >= 0, not {value!r}")

@@ -87,6 +87,8 @@ class JobInfo:
     """The last value the handler passed to ``ctx.set_progress``; for a batch job, its
     :class:`BatchProgress`."""
     abort_requested: bool
+    callouts: int = 0
+    """HTTP requests its attempts made through ``ctx.http``, counted as each attempt ends."""
 
     @property
     def error(self) -> JobError | None:
@@ -144,6 +146,8 @@ class QueueStatistics:
     """Whether claiming is paused now because the host is busy."""
     throttle_events: int
     """How many times claiming was paused for host load since the queue opened."""
+    callouts_running: int = 0
+    """Jobs of callout tasks this process holds (counted in ``running`` too)."""
 
 
 class Call:

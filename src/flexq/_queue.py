@@ -53,13 +53,15 @@ from flexq._store.base import (
     Store,
 )
 from flexq._store.url import store_from_url
-from flexq._task import Handler, Task, TaskRef, check_priority, make_task
+from flexq._task import Handler, Task, TaskNames, TaskRef, check_priority, make_task
 from flexq._throttle import LoadMonitor
 from flexq._upkeep import Upkeep
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
+
+    import httpx
 
     from flexq._models import JSON, JobId
     from flexq._schedules import Misfire
@@ -136,6 +138,10 @@ class Queue:
         clock: the time source (epoch seconds) for timestamps; tests may replace it.
         reserved_workers: extra workers kept free for the jobs of schedules made with
             ``reserve=True``; no other job runs on them.
+        callout_concurrency: how many jobs of callout tasks (``@queue.task(callout=True)``)
+            run at once in this process, besides the ``workers``.
+        callout_timeout: seconds a request through ``ctx.http`` may take (connecting,
+            sending, waiting for data) before it fails with :class:`CalloutFailed`.
     """
 
     def __init__(
@@ -157,6 +163,8 @@ class Queue:
         tenant_limits: Mapping[str, Limits] | None = None,
         clock: Callable[[], float] = time.time,
         reserved_workers: int = 1,
+        callout_concurrency: int = 100,
+        callout_timeout: float = 10.0,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
@@ -164,9 +172,10 @@ class Queue:
         _check_count("workers", workers, 1)
         _check_count("max_lease_expiries", max_lease_expiries, 1)
         _check_count("reserved_workers", reserved_workers, 0)
+        _check_count("callout_concurrency", callout_concurrency, 1)
         for name, value in (
             ("lease", lease), ("poll_interval", poll_interval), ("retention", retention_seconds),
-            ("prune_interval", prune_interval),
+            ("prune_interval", prune_interval), ("callout_timeout", callout_timeout),
         ):  # fmt: skip
             _check_seconds(name, value, allow_zero=False)
         _check_seconds("grace_period", grace_period, allow_zero=True)
@@ -184,6 +193,8 @@ class Queue:
         self.backoff = backoff or Backoff()
         self.max_lease_expiries = max_lease_expiries
         self.reserved_workers = reserved_workers
+        self.callout_concurrency = callout_concurrency
+        self.callout_timeout = callout_timeout
         self._weights = dict(weights or {})
         DeficitRoundRobin(self._weights)  # validates the weights now, not when the queue opens
         self._max_loop_lag = max_loop_lag
@@ -202,6 +213,7 @@ class Queue:
         self._monitor: LoadMonitor | None = None
         self._upkeep: Upkeep | None = None
         self._scheduler: Scheduler | None = None
+        self._http: httpx.AsyncClient | None = None
         self._dependants = False
         """Whether this process enqueued jobs that wait for others: then a job that ends may
         release some, and the dispatcher looks for them at once."""
@@ -239,6 +251,7 @@ class Queue:
         priority: int = 0,
         kind: Kind | Literal["future", "queueable"] = Kind.QUEUEABLE,
         backoff: Backoff | None = None,
+        callout: bool = False,
     ) -> Callable[[Handler[R2]], Task[R2]]: ...
     def task(
         self,
@@ -251,6 +264,7 @@ class Queue:
         priority: int = 0,
         kind: Kind | Literal["future", "queueable"] = Kind.QUEUEABLE,
         backoff: Backoff | None = None,
+        callout: bool = False,
     ) -> Task[R] | Callable[[Handler[R2]], Task[R2]]:
         """Register an ``async def`` as a task (a decorator, with or without options).
 
@@ -263,12 +277,15 @@ class Queue:
                 not kept; runs before queueable jobs of equal priority). Both may chain
                 children through their context.
             backoff: wait between attempts, instead of the queue's.
+            callout: its jobs mostly wait on other services (through ``ctx.http``): they run
+                in the callout pool, up to ``callout_concurrency`` at once and fairly between
+                tenants, and take no worker from other jobs.
         """
 
         def register(handler: Handler[R2]) -> Task[R2]:
             task = make_task(
                 handler, name=name, kind=kind, retries=retries, timeout=timeout,
-                priority=priority, backoff=backoff,
+                priority=priority, backoff=backoff, callout=callout,
             )  # fmt: skip
             self._register(task)
             return task
@@ -362,7 +379,26 @@ class Queue:
         if not self._open:
             return
         self._open = False
-        await self._store.close()
+        http, self._http = self._http, None
+        try:
+            if http is not None:
+                await http.aclose()
+        finally:
+            await self._store.close()
+
+    def _http_client(self) -> httpx.AsyncClient:
+        """The shared client of ``ctx.http``, made at its first use while the queue is open."""
+        self._check_open()
+        if self._http is None:
+            # Imported here: httpx takes ~50 ms to import, which queues that never call out
+            # (and the CLI) need not pay.
+            from flexq._http import open_client
+
+            self._http = open_client(
+                connections=self.callout_concurrency + self.workers + self.reserved_workers,
+                timeout=self.callout_timeout,
+            )
+        return self._http
 
     async def __aenter__(self) -> Queue:
         await self.open()
@@ -392,12 +428,15 @@ class Queue:
             workers=self.workers, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
             on_batch_ended=self._batch_ended, on_batch_checkpoint=self._batch_checkpointed,
-            reserved=self.reserved_workers,
+            reserved=self.reserved_workers, callout_workers=self.callout_concurrency,
         )  # fmt: skip
         dispatcher = Dispatcher(
             store=self._store, runner=runner, owner=self._owner, tasks=self._tasks.keys(),
             fairness=DeficitRoundRobin(self._weights), monitor=monitor, clock=self._clock,
             lease=self.lease, poll_interval=self.poll_interval,
+            worker_tasks=TaskNames(self._tasks, callout=False),
+            callout_tasks=TaskNames(self._tasks, callout=True),
+            callout_fairness=DeficitRoundRobin(self._weights),
         )  # fmt: skip
         upkeep = Upkeep(
             store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,
@@ -625,7 +664,8 @@ class Queue:
             now = self._clock()
             ready = {job.tenant for job in jobs if job.run_at <= now}
             later = [job.run_at for job in jobs if job.run_at > now]
-            self._dispatcher.notify(ready, min(later) if later else None)
+            tasks = {job.task for job in jobs}
+            self._dispatcher.notify(ready, min(later) if later else None, tasks=tasks)
         return result
 
     async def _write_units(self, units: list[EnqueueUnit]) -> list[EnqueueResult]:
@@ -814,6 +854,7 @@ class Queue:
             loop_lag=monitor.lag if monitor is not None else 0.0,
             throttled=monitor.overloaded if monitor is not None else False,
             throttle_events=monitor.episodes if monitor is not None else 0,
+            callouts_running=runner.callouts_in_flight if runner is not None else 0,
         )
 
     # -- control ----------------------------------------------------------------------------
@@ -899,13 +940,19 @@ class Queue:
         working = self._group is not None
         runner = self._runner if working else None
         monitor = self._monitor if working else None
+        task = self._tasks.get(facts.info.task)
+        callout = task is not None and task.callout
+        busy = 0
+        if runner is not None:
+            in_callout_pool = runner.callouts_in_flight
+            busy = in_callout_pool if callout else runner.in_flight - in_callout_pool
         local = LocalFacts(
             now=self._clock(),
             limits=self._limits(facts.info.tenant),
-            runs_task=facts.info.task in self._tasks,
+            runs_task=task is not None,
             has_workers=runner is not None,
-            workers=self.workers,
-            busy_workers=runner.in_flight if runner is not None else 0,
+            workers=self.callout_concurrency if callout else self.workers,
+            busy_workers=busy,
             throttled=monitor.overloaded if monitor is not None else False,
             loop_lag=monitor.lag if monitor is not None else 0.0,
         )
@@ -1045,7 +1092,7 @@ class Queue:
 
     def _schedule_fired(self, jobs: list[NewJob], reserve: bool) -> None:
         if self._dispatcher is not None:
-            self._dispatcher.notify({job.tenant for job in jobs})
+            self._dispatcher.notify({job.tenant for job in jobs}, tasks={job.task for job in jobs})
             if reserve:
                 self._dispatcher.run_reserved(job.id for job in jobs)
 

@@ -12,6 +12,7 @@ import anyio
 import structlog
 
 from flexq._batch import BatchRun
+from flexq._callouts import current_tally
 from flexq._context import Context
 from flexq._errors import InvalidArguments, JobTimeout, NotRetried, qualified_name
 from flexq._serialize import dumps, loads
@@ -31,13 +32,30 @@ log = structlog.get_logger("flexq")
 
 
 @dataclasses.dataclass(slots=True, eq=False)
+class _Pool:
+    """Worker tasks that share one limit on the jobs they run at once, and those jobs."""
+
+    size: int
+    """Jobs it runs at once (the runner's reserved workers come on top of the main pool's)."""
+    ready: collections.deque[ClaimedJob] = dataclasses.field(default_factory=collections.deque)
+    parked: list[anyio.Event] = dataclasses.field(default_factory=list)
+    """Its idle worker tasks, each waiting for its event."""
+    in_flight: int = 0
+    started: int = 0
+    """Worker tasks started (the callout pool starts them as jobs come, up to its size)."""
+
+
+@dataclasses.dataclass(slots=True, eq=False)
 class _Attempt:
     job: ClaimedJob
+    pool: _Pool
     scope: anyio.CancelScope | None = None
     """The scope of the worker while it runs this attempt's handler."""
     started: bool = False
     stop: str | None = None
     """Why the attempt was stopped from outside: "abort" or "shutdown"."""
+    callouts: int = 0
+    """Requests the handler made through ``ctx.http``."""
 
     def cancel(self, reason: str) -> None:
         if self.stop is None:
@@ -60,6 +78,9 @@ class RunnerCounters:
 class Runner:
     """Executes jobs on a fixed pool of worker tasks and reports outcomes in group commits.
 
+    Jobs of callout tasks run in a second pool, of up to ``callout_workers`` tasks started as
+    such jobs come: they mostly wait on the network and take no worker from the others.
+
     A job's outcome is handed to the reporter and the worker moves on at once; until the
     outcome is written the job stays under this process's lease, so a crash in between re-runs
     it (at-least-once) and never loses it.
@@ -80,6 +101,7 @@ class Runner:
         on_batch_ended: Callable[[], None],
         on_batch_checkpoint: Callable[[], None],
         reserved: int = 0,
+        callout_workers: int = 0,
     ) -> None:
         self._queue = queue
         self._store = store
@@ -96,8 +118,9 @@ class Runner:
         self._on_batch_checkpoint = on_batch_checkpoint
         self._batches: set[JobId] = set()
         """Batch jobs held, until their outcome is written."""
-        self._ready: collections.deque[ClaimedJob] = collections.deque()
-        self._parked: list[anyio.Event] = []
+        self._main = _Pool(workers)
+        self._callouts = _Pool(callout_workers)
+        self._group: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._in_flight = 0
         self._idle = anyio.Event()
@@ -110,30 +133,48 @@ class Runner:
     @property
     def free_slots(self) -> int:
         """Workers that have no job, counting jobs already handed over as taken."""
-        return max(self.workers - self._in_flight, 0)
+        return max(self.workers - self._main.in_flight, 0)
 
     @property
     def reserved_free(self) -> int:
         """Reserved workers that have no job (other jobs never take more than ``workers``)."""
-        return min(self.reserved, self.workers + self.reserved - self._in_flight)
+        return min(self.reserved, self.workers + self.reserved - self._main.in_flight)
+
+    @property
+    def callout_free(self) -> int:
+        """Places in the callout pool that have no job."""
+        return max(self._callouts.size - self._callouts.in_flight, 0)
+
+    @property
+    def callouts_in_flight(self) -> int:
+        """Jobs the callout pool holds."""
+        return self._callouts.in_flight
 
     @property
     def in_flight(self) -> int:
         """Jobs this runner holds: handed over and not yet reported."""
         return self._in_flight
 
-    def submit(self, jobs: list[ClaimedJob]) -> None:
-        """Hand claimed jobs to the workers; never more than :attr:`free_slots`."""
+    def submit(self, jobs: list[ClaimedJob], *, callout: bool = False) -> None:
+        """Hand claimed jobs to the workers, or with ``callout`` to the callout pool; never
+        more than :attr:`free_slots` (:attr:`callout_free`)."""
+        pool = self._callouts if callout else self._main
         for job in jobs:
             self._in_flight += 1
+            pool.in_flight += 1
             if self._idle.is_set():
                 self._idle = anyio.Event()
-            self._held[job.id] = _Attempt(job)
+            self._held[job.id] = _Attempt(job, pool)
             if job.kind is Kind.BATCH:
                 self._batches.add(job.id)
-        self._ready.extend(jobs)
-        for _ in range(min(len(jobs), len(self._parked))):
-            self._parked.pop().set()
+        pool.ready.extend(jobs)
+        woken = min(len(jobs), len(pool.parked))
+        for _ in range(woken):
+            pool.parked.pop().set()
+        if self._group is not None:
+            for _ in range(min(len(jobs) - woken, pool.size - pool.started)):
+                pool.started += 1
+                self._group.start_soon(self._work, pool)
         self.counters.claimed += len(jobs)
 
     def abort(self, job_id: JobId) -> bool:
@@ -150,11 +191,14 @@ class Runner:
         """Run the workers and the reporter until cancelled."""
         try:
             async with anyio.create_task_group() as group:
-                for _ in range(self.workers + self.reserved):
-                    group.start_soon(self._work)
+                self._main.started = self.workers + self.reserved
+                for _ in range(self._main.started):
+                    group.start_soon(self._work, self._main)
                 group.start_soon(self._report_forever)
+                self._group = group
                 task_status.started()
         finally:
+            self._group = None
             # However the workers ended, no job may stay held by nobody: release the rest.
             self._closed = True
             for attempt in list(self._held.values()):
@@ -164,7 +208,7 @@ class Runner:
     async def drain(self, grace_period: float) -> None:
         """Stop taking jobs, let running ones finish for ``grace_period``, release the rest."""
         self._closed = True
-        for parked in self._parked:
+        for parked in (*self._main.parked, *self._callouts.parked):
             parked.set()
         for attempt in list(self._held.values()):
             if not attempt.started:
@@ -181,7 +225,7 @@ class Runner:
 
     # -- workers ----------------------------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _work(self, pool: _Pool) -> None:
         # A worker runs inside a cancel scope that lasts until an attempt is stopped from
         # outside (abort, shutdown); then it starts a new one. One scope per job would cost
         # more than the no-op job it guards.
@@ -189,7 +233,7 @@ class Runner:
         try:
             while True:
                 with anyio.CancelScope() as scope:
-                    if await self._work_in(scope, current):
+                    if await self._work_in(pool, scope, current):
                         return
                     continue
                 if current:
@@ -200,17 +244,19 @@ class Runner:
                 attempt.stop = attempt.stop or "shutdown"
                 self._finish(attempt, interrupted=True)
 
-    async def _work_in(self, scope: anyio.CancelScope, current: list[_Attempt]) -> bool:
+    async def _work_in(
+        self, pool: _Pool, scope: anyio.CancelScope, current: list[_Attempt]
+    ) -> bool:
         """Run jobs until closed (True) or until the scope must be replaced (False)."""
         while True:
-            if not self._ready:
+            if not pool.ready:
                 if self._closed:
                     return True
                 parked = anyio.Event()
-                self._parked.append(parked)
+                pool.parked.append(parked)
                 await parked.wait()
                 continue
-            attempt = self._held[self._ready.popleft().id]
+            attempt = self._held[pool.ready.popleft().id]
             if attempt.stop is not None:
                 self._finish(attempt, interrupted=True)
                 continue
@@ -235,9 +281,13 @@ class Runner:
     ) -> None:
         job = attempt.job
         del self._held[job.id]
-        self._outbox.append(self._outcome(attempt, result, error, interrupted))
+        outcome = self._outcome(attempt, result, error, interrupted)
+        if attempt.callouts:
+            outcome = outcome._replace(callouts=attempt.callouts)
+        self._outbox.append(outcome)
         self._outbox_ready.set()
         self._in_flight -= 1
+        attempt.pool.in_flight -= 1
         if not self._in_flight:
             self._idle.set()
         self._on_slot_free()
@@ -278,13 +328,21 @@ class Runner:
                 loads(job.args) if job.args != "[]" else [],
                 loads(job.kwargs) if job.kwargs != "{}" else {},
             )
-            if job.timeout is None:
-                value = await task.fn(*args, **kwargs)
-            else:
-                with anyio.move_on_after(job.timeout) as limit:
+            tally = None if context is None else current_tally.set(context.callout_tally)
+            try:
+                if job.timeout is None:
                     value = await task.fn(*args, **kwargs)
-                if limit.cancelled_caught:
-                    raise JobTimeout(f"attempt {job.attempt} ran over its {job.timeout} s timeout")
+                else:
+                    with anyio.move_on_after(job.timeout) as limit:
+                        value = await task.fn(*args, **kwargs)
+                    if limit.cancelled_caught:
+                        raise JobTimeout(
+                            f"attempt {job.attempt} ran over its {job.timeout} s timeout"
+                        )
+            finally:
+                if context is not None and tally is not None:
+                    current_tally.reset(tally)
+                    attempt.callouts = context.callouts
         except Exception as exc:
             return None, exc
         except anyio.get_cancelled_exc_class() as exc:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import math
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from flexq._context import Context
@@ -46,6 +47,8 @@ class Task(Generic[R]):
     """Where the context goes among positional arguments (None: by keyword)."""
     batch: BatchSpec | None = None
     """For a batch task (``@queue.batch``): its class, scope and chunk concurrency."""
+    callout: bool = False
+    """Whether its jobs run in the callout pool (``callout_concurrency``), not on the workers."""
     _fitting_shapes: set[tuple[int, frozenset[str]]] = dataclasses.field(
         default_factory=set, repr=False
     )
@@ -87,6 +90,32 @@ class Task(Generic[R]):
         self._fitting_shapes.add(shape)
 
 
+class TaskNames(collections.abc.Set[str]):
+    """The names of the registered tasks whose ``callout`` flag is ``callout``: a live view of
+    a registry, which tasks are only ever added to."""
+
+    def __init__(self, tasks: Mapping[str, Task[Any]], *, callout: bool) -> None:
+        self._tasks = tasks
+        self._callout = callout
+        self._seen = 0
+        self._names: frozenset[str] = frozenset()
+
+    def _current(self) -> frozenset[str]:
+        if len(self._tasks) != self._seen:
+            self._names = frozenset(n for n, t in self._tasks.items() if t.callout is self._callout)
+            self._seen = len(self._tasks)
+        return self._names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._current()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
 TaskRef: TypeAlias = "Task[Any] | str | type"
 """A task given by its object, its registered name, or (a batch) its class."""
 
@@ -100,6 +129,7 @@ def make_task(
     timeout: float | None,
     priority: int,
     backoff: Backoff | None,
+    callout: bool = False,
 ) -> Task[R]:
     """Validate a handler and its options into a :class:`Task`."""
     if not inspect.iscoroutinefunction(fn):
@@ -111,6 +141,8 @@ def make_task(
     if job_kind not in (Kind.FUTURE, Kind.QUEUEABLE):
         raise InvalidArguments(f"kind must be 'future' or 'queueable', not {kind!r}")
     task_name = check_options(fn, name=name, retries=retries, timeout=timeout, priority=priority)
+    if not isinstance(callout, bool):
+        raise InvalidArguments(f"callout must be True or False, not {callout!r}")
     context_parameter = _context_parameter(fn)
     signature = inspect.signature(fn)
     context_position = None
@@ -126,7 +158,7 @@ def make_task(
     return Task(
         name=task_name, fn=fn, kind=job_kind, retries=retries, timeout=timeout,
         priority=priority, backoff=backoff, context_parameter=context_parameter,
-        signature=signature, context_position=context_position,
+        signature=signature, context_position=context_position, callout=callout,
     )  # fmt: skip
 
 

@@ -91,6 +91,8 @@ class Outcome(NamedTuple):
     """JSON object of the attempt's error."""
     run_at: float | None = None
     release: bool = False
+    callouts: int = 0
+    """HTTP requests the attempt made through ``ctx.http``: added to the job's count."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -504,6 +506,7 @@ def job_info(
     progress: str | None,
     abort_requested: bool,
     batch: BatchCounts | None = None,
+    callouts: int = 0,
 ) -> JobInfo:
     """A JobInfo from the stored (serialized) columns of a job."""
     return JobInfo(
@@ -538,6 +541,7 @@ def job_info(
             batch.progress() if batch is not None else None if progress is None else loads(progress)
         ),
         abort_requested=bool(abort_requested),
+        callouts=callouts,
     )
 
 

@@ -80,6 +80,7 @@ class _Row:
     lease_expiries: int = 0
     abort_requested: bool = False
     batch: _Batch | None = None
+    callouts: int = 0
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -99,7 +100,7 @@ class _Row:
             errors=dumps(self.errors, "errors") if self.errors else None,
             parent_id=job.parent_id, key=job.key, progress=self.progress,
             abort_requested=self.abort_requested,
-            batch=None if self.batch is None else self.batch.counts(),
+            batch=None if self.batch is None else self.batch.counts(), callouts=self.callouts,
         )  # fmt: skip
 
 
@@ -343,6 +344,7 @@ class MemoryStore:
             if outcome.error is not None:
                 row.errors.append(loads(outcome.error))
             row.lease_owner = None
+            row.callouts += outcome.callouts
             if outcome.release:
                 row.attempts -= 1
                 if row.abort_requested:

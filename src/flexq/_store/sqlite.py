@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS flexq_jobs (
     lease_until REAL,
     lease_expiries INTEGER NOT NULL DEFAULT 0,
     abort_requested INTEGER NOT NULL DEFAULT 0,
-    position REAL
+    position REAL,
+    callouts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS flexq_jobs_ready
     ON flexq_jobs (tenant, task, priority DESC, kind_rank, seq)
@@ -168,6 +169,7 @@ CREATE INDEX IF NOT EXISTS flexq_dependencies_child ON flexq_dependencies (child
 
 _MIGRATIONS = {
     1: ["ALTER TABLE flexq_jobs ADD COLUMN position REAL"],
+    2: ["ALTER TABLE flexq_jobs ADD COLUMN callouts INTEGER NOT NULL DEFAULT 0"],
 }
 """Statements that take a file from the schema version of the key to the next one."""
 
@@ -184,7 +186,7 @@ _INFO_COLUMNS = (
     "seq, id, task, kind, tenant, priority, state, args, kwargs, attempts, max_attempts, "
     "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
     "abort_requested, prepared, total_items, chunks_total, items_processed, chunks_succeeded, "
-    "chunks_failed"
+    "chunks_failed, callouts"
 )
 _INFO_FROM = "flexq_jobs LEFT JOIN flexq_batches ON flexq_batches.job_id = flexq_jobs.id"
 _COUNTS = "prepared, total_items, chunks_total, items_processed, chunks_succeeded, chunks_failed"
@@ -591,6 +593,9 @@ class SQLiteStore:
         by_update: dict[str, list[tuple[Any, ...]]] = {}
         for outcome in outcomes:
             update, params = _outcome_update(outcome, now)
+            if outcome.callouts:
+                update = update.replace(" SET ", " SET callouts = callouts + ?, ", 1)
+                params = (outcome.callouts, *params)
             by_update.setdefault(update, []).append((outcome.job_id, *params))
         written: list[JobId] = []
         freed: set[str] = set()
@@ -1529,6 +1534,7 @@ def _info(row: tuple[Any, ...]) -> JobInfo:
         progress=row[19],
         abort_requested=row[20],
         batch=None if row[21] is None else BatchCounts(bool(row[21]), *row[22:27]),
+        callouts=row[27],
     )
 
 
