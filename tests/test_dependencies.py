@@ -475,3 +475,24 @@ async def test_explain_names_the_parents_a_job_waits_for(queue_url: str) -> None
     assert explanation.whys == (flexq.Why.WAITING_FOR_PARENTS,)
     assert first in str(explanation)
     assert second in str(explanation)
+
+
+async def test_not_before_holds_a_released_job_until_its_time(queue_url: str) -> None:
+    """With depends_on and not_before, a job whose parent completed waits for the time too."""
+    queue = flexq.Queue(queue_url)
+
+    @queue.task(name="step")
+    async def step() -> None: ...
+
+    await queue.open()
+    try:
+        parent = await queue.enqueue(step)
+        later = datetime.now(UTC) + timedelta(hours=1)
+        child = await queue.enqueue(step, depends_on=[parent], not_before=later)
+        with pytest.raises(flexq.InvalidArguments):
+            await queue.enqueue(step, run_at=later, not_before=later)
+        info = await queue.get(child)
+    finally:
+        await queue.close()
+    assert info.state is State.WAITING
+    assert abs(info.run_at.timestamp() - later.timestamp()) < 0.001

@@ -524,3 +524,28 @@ async def test_store_failures_surface_as_store_error(tmp_path: Path) -> None:
     not_a_database.write_bytes(b"this is not SQLite" * 512)
     with pytest.raises(flexq.StoreError):
         await make_queue(f"sqlite:///{not_a_database}").open()
+
+
+async def test_oversized_or_too_deep_arguments_are_refused(queue_url: str) -> None:
+    """Arguments past the size limit, or nested past what JSON can encode, raise
+    InvalidArguments and write nothing."""
+    from flexq._queue import MAX_ARGUMENTS_BYTES
+
+    queue = make_queue(queue_url)
+
+    @queue.task
+    async def take(data: object) -> None: ...
+
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    await queue.open()
+    try:
+        with pytest.raises(flexq.InvalidArguments, match="more than"):
+            await queue.enqueue(take, "x" * MAX_ARGUMENTS_BYTES)
+        with pytest.raises(flexq.InvalidArguments, match="nested too deeply"):
+            await queue.enqueue(take, deep)
+        assert sum((await queue.counts()).values()) == 0
+        assert await queue.enqueue(take, "x" * (MAX_ARGUMENTS_BYTES - 100))
+    finally:
+        await queue.close()

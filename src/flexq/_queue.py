@@ -109,6 +109,8 @@ class _JobIds:
 new_job_id = _JobIds()
 os.register_at_fork(after_in_child=new_job_id.reset)
 MAX_PAGE = 1000
+MAX_ARGUMENTS_BYTES = 1024 * 1024
+"""The most a job's arguments may take, encoded as JSON (args and kwargs together)."""
 
 
 class Queue:
@@ -551,6 +553,7 @@ class Queue:
         kwargs: Mapping[str, JSON] | None = None,
         depends_on: Sequence[JobId] | None = None,
         on_parent_failure: OnParentFailure = "abort",
+        not_before: datetime | None = None,
     ) -> JobId:
         """Store a job durably and return its id; a worker runs it when its turn comes.
 
@@ -561,6 +564,8 @@ class Queue:
             priority: higher runs first within the tenant (default: the task's).
             delay: seconds to wait before the job may run; or give ``run_at``.
             run_at: an aware datetime before which the job does not run.
+            not_before: the same as ``run_at`` (it reads better beside ``depends_on``: the job
+                runs once its parents completed and not before this time); give one of them.
             key: a deduplication key: while a job of the tenant with this key is not final,
                 enqueue raises :class:`DuplicateJob` (or returns its id if ``on_duplicate`` is
                 ``"return"``).
@@ -583,6 +588,10 @@ class Queue:
 
         Nothing is written when it raises.
         """
+        if not_before is not None:
+            if run_at is not None:
+                raise InvalidArguments("give run_at or not_before (the same thing), not both")
+            run_at = not_before
         if depends_on is not None:
             return await self._enqueue_dependent_one(
                 task, args, kwargs, tenant=tenant, priority=priority, delay=delay,
@@ -711,6 +720,7 @@ class Queue:
         parent_id: JobId | None,
     ) -> NewJob:
         spec.check_arguments(args, kwargs)
+        encoded_args, encoded_kwargs = _encoded_arguments(spec.name, args, kwargs)
         if spec.batch is not None and options.delayed:
             raise InvalidArguments(
                 f"batch task {spec.name!r} cannot be delayed: batch jobs wait in the holding"
@@ -722,8 +732,8 @@ class Queue:
             kind=spec.kind,
             tenant=options.tenant,
             priority=spec.priority if options.priority is None else options.priority,
-            args=dumps(args, "task arguments") if args else "[]",
-            kwargs=dumps(kwargs, "task keyword arguments") if kwargs else "{}",
+            args=encoded_args,
+            kwargs=encoded_kwargs,
             max_attempts=spec.max_attempts,
             timeout=spec.timeout if spec.batch is None else None,
             run_at=options.run_at,
@@ -1020,10 +1030,11 @@ class Queue:
         if next_fire_time is None:
             raise InvalidArguments(f"the cron expression {cron!r} never fires")
         spec.check_arguments(args, kwargs or {})
+        encoded_args, encoded_kwargs = _encoded_arguments(spec.name, args, kwargs or {})
         record = ScheduleRecord(
             name=name, tenant=options.tenant, cron=times.expression, timezone=timezone,
-            task=spec.name, args=dumps(args, "task arguments"),
-            kwargs=dumps(kwargs or {}, "task keyword arguments"), misfire=policy, reserve=reserve,
+            task=spec.name, args=encoded_args, kwargs=encoded_kwargs, misfire=policy,
+            reserve=reserve,
             state=ScheduleState.ACTIVE, next_fire_time=next_fire_time,
         )  # fmt: skip
         stored = await self._store.put_schedule(record, self._clock())
@@ -1193,6 +1204,22 @@ class Queue:
         if self._dispatcher is not None:
             self._dispatcher.notify({dependent.job.tenant for dependent in jobs})
         return ids
+
+
+def _encoded_arguments(
+    task: str, args: tuple[JSON, ...], kwargs: Mapping[str, JSON]
+) -> tuple[str, str]:
+    """A job's arguments as JSON, within MAX_ARGUMENTS_BYTES, or InvalidArguments."""
+    encoded_args = dumps(args, "task arguments") if args else "[]"
+    encoded_kwargs = dumps(kwargs, "task keyword arguments") if kwargs else "{}"
+    size = len(encoded_args) + len(encoded_kwargs)
+    if size > MAX_ARGUMENTS_BYTES:
+        raise InvalidArguments(
+            f"the arguments of a {task!r} job are {size:,} bytes of JSON, more than the"
+            f" {MAX_ARGUMENTS_BYTES:,} a job may carry: pass a reference (an id, a path) to the"
+            " data instead"
+        )
+    return encoded_args, encoded_kwargs
 
 
 def _task_name(task: TaskRef) -> str:

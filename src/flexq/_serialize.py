@@ -20,3 +20,5 @@ def dumps(value: Any, what: str) -> str:
         raise InvalidArguments(
             f"{what} must be JSON values (None, bool, int, float, str, list, dict): {exc}"
         ) from None
+    except RecursionError:
+        raise InvalidArguments(f"{what} are nested too deeply to store as JSON") from None
