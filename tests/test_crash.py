@@ -524,3 +524,21 @@ async def test_sigkill_during_start_runs_start_again_without_duplicate_items(
     assert runs.batch_events == {"batch-start": 2, "batch-finish": 1}
     assert runs.chunks == dict.fromkeys(range(items), 1)
     assert info.progress == flexq.BatchProgress(items, items, 0, items, items, 0)
+
+
+@pytest.mark.slow
+async def test_a_killed_worker_process_stays_listed_but_not_alive(
+    worker_processes: WorkerProcesses,
+) -> None:
+    """queue.workers() shows worker processes with their pid; one that was SIGKILLed is no
+    longer alive once two leases passed without its heartbeat."""
+    async with producer(worker_processes.db) as (queue, _):
+        worker = await worker_processes.start_ready()
+        (listed,) = await queue.workers()
+        assert (listed.pid, listed.alive) == (worker.pid, True)
+        await worker_processes.kill(worker)
+
+        async def dead() -> bool:
+            return not (await queue.workers())[0].alive
+
+        await until(dead, 10 * LEASE, "the killed worker to stop looking alive")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from datetime import UTC, datetime
 
@@ -157,3 +158,21 @@ async def test_close_inside_the_block_is_refused(queue_url: str) -> None:
     async with queue:
         with pytest.raises(flexq.FlexqError):
             await queue.close()
+
+
+async def test_worker_processes_are_listed_while_they_run(sqlite_url: str) -> None:
+    """queue.workers() lists every queue running workers on the store, alive, until it stops."""
+    first, second = make_queue(sqlite_url, workers=3), make_queue(sqlite_url, workers=2)
+    async with first:
+        async with second:
+            listed = await first.workers()
+        after_second = await first.workers()
+    assert [(w.pid, w.workers, w.alive) for w in listed] == [(os.getpid(), 3, True),
+                                                             (os.getpid(), 2, True)]  # fmt: skip
+    assert listed[0].last_seen >= listed[0].started_at
+    assert [w.workers for w in after_second] == [3]
+    await first.open()
+    try:
+        assert await first.workers() == []
+    finally:
+        await first.close()

@@ -48,6 +48,7 @@ def test_abc_exports_the_store_protocol() -> None:
         "ChunkDone",
         "Placement",
         "WaitFacts",
+        "WorkerRecord",
         "ClaimedJob",
         "DependentJob",
         "EnqueueResult",

@@ -39,6 +39,7 @@ from flexq._models import PauseScope as PauseScope
 from flexq._models import QueueStatistics as QueueStatistics
 from flexq._models import ScheduleInfo as ScheduleInfo
 from flexq._models import ScheduleState as ScheduleState
+from flexq._models import WorkerInfo as WorkerInfo
 from flexq._queue import Queue as Queue
 from flexq._states import TRANSITIONS as TRANSITIONS
 from flexq._states import Kind as Kind
@@ -88,4 +89,5 @@ __all__ = [
     "WaitReason",
     "WaitTimeout",
     "Why",
+    "WorkerInfo",
 ]

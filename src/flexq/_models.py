@@ -218,3 +218,20 @@ class ScheduleInfo:
     times_triggered: int
     """How many jobs it has enqueued."""
     last_job_id: JobId | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker process sharing the store: one :class:`flexq.Queue` that runs workers."""
+
+    id: str
+    """``host:pid:random``: also the owner of the leases its jobs hold."""
+    host: str
+    pid: int
+    workers: int
+    """How many jobs it runs at once."""
+    started_at: datetime
+    last_seen: datetime
+    """Its last heartbeat (every third of its lease while it runs)."""
+    alive: bool
+    """Whether it was seen within the last two of its leases."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -37,6 +38,8 @@ from flexq._models import (
     QueueStatistics,
     ScheduleInfo,
     ScheduleState,
+    WorkerInfo,
+    timestamp_to_datetime,
 )
 from flexq._runner import Runner
 from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, schedule_info
@@ -51,6 +54,7 @@ from flexq._store.base import (
     OnDuplicate,
     ScheduleRecord,
     Store,
+    WorkerRecord,
 )
 from flexq._store.url import store_from_url
 from flexq._task import Handler, Task, TaskNames, TaskRef, check_priority, make_task
@@ -186,7 +190,7 @@ class Queue:
         self._limits = LimitTable(limits, tenant_limits)
         self._store: Store = store_from_url(url) if isinstance(url, str) else url
         self._store.set_limits(self._limits)
-        self.workers = workers
+        self.worker_count = workers
         self.lease = lease
         self.poll_interval = poll_interval
         self.grace_period = grace_period
@@ -221,7 +225,7 @@ class Queue:
         release some, and the dispatcher looks for them at once."""
 
     def __repr__(self) -> str:
-        return f"<flexq.Queue {self._store!r} workers={self.workers}>"
+        return f"<flexq.Queue {self._store!r} workers={self.worker_count}>"
 
     @property
     def store(self) -> Store:
@@ -397,7 +401,7 @@ class Queue:
             from flexq._http import open_client
 
             self._http = open_client(
-                connections=self.callout_concurrency + self.workers + self.reserved_workers,
+                connections=self.callout_concurrency + self.worker_count + self.reserved_workers,
                 timeout=self.callout_timeout,
             )
         return self._http
@@ -427,7 +431,7 @@ class Queue:
         monitor = LoadMonitor(self._max_loop_lag, self._load_probe)
         runner = Runner(
             queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
-            workers=self.workers, backoff=self.backoff, clock=self._clock,
+            workers=self.worker_count, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
             on_batch_ended=self._batch_ended, on_batch_checkpoint=self._batch_checkpointed,
             reserved=self.reserved_workers, callout_workers=self.callout_concurrency,
@@ -444,7 +448,7 @@ class Queue:
             store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,
             max_lease_expiries=self.max_lease_expiries, retention=self.retention,
             prune_interval=self.prune_interval, on_abort_requested=self._abort_held,
-            on_recovered=dispatcher.poll_now,
+            on_recovered=dispatcher.poll_now, worker=self._worker_record(),
         )  # fmt: skip
         self._monitor, self._runner, self._dispatcher, self._upkeep = (
             monitor,
@@ -454,6 +458,7 @@ class Queue:
         )
         self._dispatcher_done = anyio.Event()
         await upkeep.recover()
+        await upkeep.heartbeat()
         group = anyio.create_task_group()
         await group.__aenter__()
         try:
@@ -495,6 +500,35 @@ class Queue:
             self._scheduler = None
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._store.remove_worker(self._owner)
+
+    def _worker_record(self) -> WorkerRecord:
+        now = self._clock()
+        host, pid = socket.gethostname(), os.getpid()
+        return WorkerRecord(self._owner, host, pid, self.worker_count, self.lease, now, now)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The worker processes sharing this store (queues in ``async with``), oldest first.
+
+        Each renews a heartbeat every third of its lease; one that stopped gracefully is gone,
+        and one whose process died stays listed, not ``alive`` once two of its leases passed,
+        until the retention period has passed.
+        """
+        self._check_open()
+        now = self._clock()
+        return [
+            WorkerInfo(
+                id=record.id,
+                host=record.host,
+                pid=record.pid,
+                workers=record.workers,
+                started_at=timestamp_to_datetime(record.started_at),
+                last_seen=timestamp_to_datetime(record.last_seen),
+                alive=record.last_seen >= now - 2 * record.lease,
+            )
+            for record in await self._store.list_workers()
+        ]
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:
@@ -854,7 +888,7 @@ class Queue:
         runner, monitor = self._runner, self._monitor
         counters = runner.counters if runner is not None else None
         return QueueStatistics(
-            workers=self.workers,
+            workers=self.worker_count,
             running=runner.in_flight if runner is not None else 0,
             claimed=counters.claimed if counters else 0,
             completed=counters.completed if counters else 0,
@@ -961,7 +995,7 @@ class Queue:
             limits=self._limits(facts.info.tenant),
             runs_task=task is not None,
             has_workers=runner is not None,
-            workers=self.callout_concurrency if callout else self.workers,
+            workers=self.callout_concurrency if callout else self.worker_count,
             busy_workers=busy,
             throttled=monitor.overloaded if monitor is not None else False,
             loop_lag=monitor.lag if monitor is not None else 0.0,

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from flexq._models import JobId
-    from flexq._store.base import Store
+    from flexq._store.base import Store, WorkerRecord
 
 log = structlog.get_logger("flexq")
 
@@ -34,6 +34,7 @@ class Upkeep:
         prune_interval: float,
         on_abort_requested: Callable[[list[JobId]], None],
         on_recovered: Callable[[], None],
+        worker: WorkerRecord,
     ) -> None:
         self._store = store
         self._owner = owner
@@ -44,6 +45,7 @@ class Upkeep:
         self._prune_interval = prune_interval
         self._on_abort_requested = on_abort_requested
         self._on_recovered = on_recovered
+        self._worker = worker
         self.pruned = 0
 
     async def maintain_forever(self) -> None:
@@ -57,6 +59,14 @@ class Upkeep:
             await anyio.sleep(self._lease / 3)
             await self.renew()
             await self.recover()
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Record in the store that this worker process is alive."""
+        try:
+            await self._store.put_worker(self._worker._replace(last_seen=self._clock()))
+        except Exception as exc:
+            log.error("could not record this worker's heartbeat", error=repr(exc))
 
     async def renew(self) -> None:
         """Extend this process's leases; pass on abort requests for the jobs it holds."""
@@ -91,7 +101,14 @@ class Upkeep:
             await anyio.sleep(self._prune_interval)
 
     async def prune(self) -> int:
-        """Prune until nothing is left to prune; return how many jobs went."""
+        """Prune until nothing is left to prune; return how many jobs went.
+
+        Worker processes not seen for the retention period (they died) are forgotten too.
+        """
+        try:
+            await self._store.prune_workers(self._clock() - self._retention)
+        except Exception as exc:
+            log.error("could not prune dead workers", error=repr(exc))
         total = 0
         while True:
             try:

@@ -17,6 +17,7 @@ from flexq._store.base import ScheduleFiring as ScheduleFiring
 from flexq._store.base import ScheduleRecord as ScheduleRecord
 from flexq._store.base import Store as Store
 from flexq._store.base import WaitFacts as WaitFacts
+from flexq._store.base import WorkerRecord as WorkerRecord
 
 __all__ = [
     "BatchCounts",
@@ -34,4 +35,5 @@ __all__ = [
     "ScheduleRecord",
     "Store",
     "WaitFacts",
+    "WorkerRecord",
 ]

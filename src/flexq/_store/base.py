@@ -425,6 +425,20 @@ class Store(Protocol):
         Raises JobNotFound.
         """
 
+    # -- worker processes ---------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        """Register a worker process, or record that it is still alive (its ``last_seen``)."""
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker process that stopped."""
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """Every registered worker process, by start time."""
+
+    async def prune_workers(self, seen_before: float) -> int:
+        """Forget workers not seen since ``seen_before`` (their process died); return how many."""
+
 
 ACTIVE_BATCH_STATES = frozenset({State.QUEUED, State.SCHEDULED, State.PREPARING, State.PROCESSING})
 """States in which a batch job holds one of its tenant's active slots."""
@@ -600,3 +614,15 @@ def parent_failed_error(parent_id: JobId, parent_state: State, now: float) -> di
         0,
         now,
     )
+
+
+class WorkerRecord(NamedTuple):
+    """A worker process as the store keeps it (see :meth:`flexq.Queue.workers`)."""
+
+    id: str
+    host: str
+    pid: int
+    workers: int
+    lease: float
+    started_at: float
+    last_seen: float

@@ -31,6 +31,7 @@ from flexq._store.base import (
     ScheduleFiring,
     ScheduleRecord,
     WaitFacts,
+    WorkerRecord,
     checked_outcomes,
     holding_full,
     job_info,
@@ -117,6 +118,7 @@ class MemoryStore:
         self._holding: dict[str, list[JobId]] = {}
         self._active: dict[str, int] = {}
         self._limits = LimitTable()
+        self._workers: dict[str, WorkerRecord] = {}
         self._schedules: dict[str, ScheduleRecord] = {}
         self._children: dict[JobId, dict[JobId, OnParentFailure]] = {}
         """Parent -> its WAITING dependants and what they do if it does not complete."""
@@ -877,6 +879,27 @@ class MemoryStore:
                     found[child.job.id] = child
                     todo.append(child.job.id)
         return [r.info() for r in sorted(found.values(), key=lambda r: r.seq)]
+
+    # -- worker processes -------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._workers[worker.id] = worker
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._workers.pop(worker_id, None)
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(self._workers.values(), key=lambda worker: (worker.started_at, worker.id))
+
+    async def prune_workers(self, seen_before: float) -> int:
+        await anyio.lowlevel.checkpoint()
+        gone = [w.id for w in self._workers.values() if w.last_seen < seen_before]
+        for worker_id in gone:
+            del self._workers[worker_id]
+        return len(gone)
 
 
 def _claimed(row: _Row) -> ClaimedJob:

@@ -45,6 +45,7 @@ from flexq._store.base import (
     ScheduleFiring,
     ScheduleRecord,
     WaitFacts,
+    WorkerRecord,
     checked_outcomes,
     holding_full,
     job_info,
@@ -118,6 +119,15 @@ CREATE TABLE IF NOT EXISTS flexq_pauses (
     name TEXT NOT NULL,
     since REAL NOT NULL,
     PRIMARY KEY (scope, name)
+);
+CREATE TABLE IF NOT EXISTS flexq_workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    workers INTEGER NOT NULL,
+    lease REAL NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS flexq_batches (
     job_id TEXT PRIMARY KEY,
@@ -1263,8 +1273,40 @@ class SQLiteStore:
             raise JobNotFound(job_id)
         return [_info(row) for row in rows]
 
+    # -- worker processes -------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        await self._run(self._write, _PUT_WORKER, tuple(worker))
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._run(self._write, "DELETE FROM flexq_workers WHERE id = ?", (worker_id,))
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        rows = await self._run(
+            self._select,
+            "SELECT id, host, pid, workers, lease, started_at, last_seen FROM flexq_workers"
+            " ORDER BY started_at, id",
+            (),
+        )
+        return [WorkerRecord(*row) for row in rows]
+
+    async def prune_workers(self, seen_before: float) -> int:
+        return await self._run(
+            self._write, "DELETE FROM flexq_workers WHERE last_seen < ?", (seen_before,)
+        )
+
+    def _write(self, sql: str, params: Sequence[Any]) -> int:
+        with self._transaction() as db:
+            return db.execute(sql, params).rowcount
+
 
 NO_COUNTS = BatchCounts(False, 0, 0, 0, 0, 0)
+
+_PUT_WORKER = (
+    "INSERT INTO flexq_workers (id, host, pid, workers, lease, started_at, last_seen)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen,"
+    " workers = excluded.workers"
+)
 
 _HOLDING_TENANTS = """
 WITH RECURSIVE holding(tenant) AS (
