@@ -314,6 +314,7 @@ class Queue:
             group.start_soon(monitor.run)
         group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
+        group.start_soon(self._store.listen, self._work_elsewhere)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
 
     @staticmethod
@@ -336,6 +337,14 @@ class Queue:
             self._group = None
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
+
+    def _work_elsewhere(self, tenants: list[str] | None, run_at: float | None) -> None:
+        """Another process made work ready (heard by the store's ``listen``)."""
+        if self._dispatcher is not None:
+            if tenants is None:
+                self._dispatcher.poll_now()
+            else:
+                self._dispatcher.notify(tenants, run_at)
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:

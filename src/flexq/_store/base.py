@@ -11,7 +11,7 @@ from flexq._serialize import loads
 from flexq._states import Kind, State, check_transition
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
 OnDuplicate = Literal["raise", "return"]
 
@@ -207,6 +207,15 @@ class Store(Protocol):
 
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs that finished before the time; return how many."""
+
+    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+        """Until cancelled, call ``wake(tenants, run_at)`` when another process made work ready.
+
+        ``tenants`` have QUEUED jobs now, and ``run_at`` is the earliest time of a new
+        SCHEDULED job; ``tenants`` None means "look at the store". A store that cannot hear
+        other processes (memory, SQLite) just waits to be cancelled: the dispatcher's poll
+        finds their work.
+        """
 
 
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:

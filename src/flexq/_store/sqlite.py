@@ -619,6 +619,9 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
+    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+        await anyio.sleep_forever()
+
     # -- queries ----------------------------------------------------------------------------
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
