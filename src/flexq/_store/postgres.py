@@ -275,8 +275,10 @@ def check_schema(schema: str) -> str:
 class _Connections:
     """Blocking connections, each on a thread of its own, taking calls off one queue.
 
-    A call is ``fn(connection, *args)``; a thread connects on its first call and again after
-    its connection broke, so a database that went away is reconnected to by the next call.
+    A call is ``fn(connection, *args)``. A thread connects on its first call, and again before
+    a call if its idle connection was closed by the server (a restart, ``pg_terminate_backend``)
+    or after a call broke it: the database going away fails the calls made while it is away
+    (StoreError, which every caller retries) and no more.
     """
 
     def __init__(self, name: str, size: int, connect: Callable[[], Connection]) -> None:
@@ -321,6 +323,10 @@ class _Connections:
         try:
             while (call := self._calls.get()) is not None:
                 try:
+                    if conn is not None and _dropped(conn):
+                        self.backend_pids.discard(conn.info.backend_pid)
+                        conn.close()
+                        conn = None
                     if conn is None:
                         conn = self._connect()
                         self.backend_pids.add(conn.info.backend_pid)
@@ -823,6 +829,16 @@ class _Listener:
                 for note in conn.notifies(timeout=0.0):
                     if note.pid not in store._pool.backend_pids:
                         self._post(*_parse_payload(note.payload))
+
+
+def _dropped(conn: Connection) -> bool:
+    """Whether the server sent something to an idle connection. It does so when it closes the
+    connection (a FATAL error, then end of file); the rare other messages (a notice, a changed
+    parameter) cost a needless reconnection, which is harmless."""
+    if conn.closed or conn.broken:
+        return True
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
 
 
 def _payload(tenants: Collection[str] | None, run_at: float | None) -> str:
