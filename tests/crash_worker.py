@@ -2,7 +2,8 @@
 
 Usage: ``python crash_worker.py DB RUNS BACKEND [--workers N] [--lease S]``.
 
-It opens a :class:`flexq.Queue` on the SQLite file ``DB`` with a short lease, registers the
+It opens a :class:`flexq.Queue` on the SQLite file ``DB`` (or the store URL ``DB``, such as
+``postgresql://...``) with a short lease, registers the
 tasks of :func:`register_tasks`, appends ``ready <pid>`` to the file ``RUNS`` and works until it
 is killed. Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``, one
 ``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
@@ -63,7 +64,7 @@ def register_tasks(queue: flexq.Queue, runs: RunLog) -> dict[str, flexq.Task[Any
 async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
     runs = RunLog(runs_path)
     queue = flexq.Queue(
-        f"sqlite:///{db}",
+        db if "://" in db else f"sqlite:///{db}",
         workers=workers,
         lease=lease,
         poll_interval=POLL_INTERVAL,
@@ -78,7 +79,7 @@ async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
 
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("db", help="the SQLite file")
+    parser.add_argument("db", help="the SQLite file, or a store URL")
     parser.add_argument("runs", help="the file every run of a task appends a line to")
     parser.add_argument("backend", choices=["asyncio", "trio"])
     parser.add_argument("--workers", type=int, default=4)

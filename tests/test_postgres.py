@@ -226,7 +226,7 @@ async def test_listen_connection_is_reopened_after_it_was_terminated(pg_schema: 
                 f'LISTEN "flexq_{pg_schema}"',
             )
             assert len(listeners) == 1
-            terminate({int(pid) for (pid,) in listeners})  # type: ignore[call-overload]
+            terminate({int(str(pid)) for (pid,) in listeners})
             await anyio.sleep(1.0)  # the listener notices and reconnects (backoff from 0.1 s)
             for n in range(3):
                 ran = anyio.Event()
@@ -236,3 +236,30 @@ async def test_listen_connection_is_reopened_after_it_was_terminated(pg_schema: 
         finally:
             await producer.close()
     assert runs == [0, 1, 2]
+
+
+async def test_jobs_complete_while_the_server_keeps_killing_connections(pg_schema: str) -> None:
+    """Every connection of a running queue is terminated again and again while it works: calls
+    fail and are retried, connections are reopened, and every job ends COMPLETED."""
+    queue = make_queue(postgres_url(pg_schema), workers=8)
+
+    @queue.task(name="nap")
+    async def nap(n: int) -> int:
+        await anyio.sleep(0.01)
+        return n
+
+    async with queue:
+        ids = await queue.enqueue_many([flexq.Call(nap, n) for n in range(600)])
+        store = queue.store
+        assert isinstance(store, PostgresStore)
+        for _ in range(6):
+            await anyio.sleep(0.15)
+            listeners = sql(
+                "SELECT pid FROM pg_stat_activity WHERE query = %s", f'LISTEN "flexq_{pg_schema}"'
+            )
+            terminate(store._pool.backend_pids | {int(str(pid)) for (pid,) in listeners})
+        with anyio.fail_after(30):
+            infos = [await queue.wait(job_id) for job_id in ids]
+    assert [(info.state, info.result) for info in infos] == [
+        (State.COMPLETED, n) for n in range(600)
+    ]

@@ -72,6 +72,10 @@ _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 MAX_PAYLOAD = 7900
 """NOTIFY payloads must stay under 8000 bytes; a longer list of tenants becomes a poll."""
 
+READ_ATTEMPTS = 3
+"""How often a read is tried when the server drops its connection (writes are tried once: their
+callers decide what to do about a transaction that may or may not have committed)."""
+
 _INFO_COLUMNS = (
     "seq, id, task, kind, tenant, priority, state, args, kwargs, attempts, max_attempts, "
     "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
@@ -399,6 +403,17 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
 
+    async def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
+        """Rows of a statement that changes nothing: safe to run again on a fresh connection
+        when the server dropped the one it ran on."""
+        for _ in range(READ_ATTEMPTS - 1):
+            try:
+                return await self._run(self._select, sql, params)
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise
+        return await self._run(self._select, sql, params)
+
     def _notify(
         self, conn: Connection, tenants: Collection[str] | None, run_at: float | None
     ) -> None:
@@ -540,7 +555,7 @@ class PostgresStore:
     # -- dispatching ------------------------------------------------------------------------
 
     async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
-        rows = await self._run(self._select, self.sql(READY_TENANTS), {"tasks": sorted(tasks)})
+        rows = await self._read(self.sql(READY_TENANTS), {"tasks": sorted(tasks)})
         return [tenant for (tenant,) in rows]
 
     async def claim(
@@ -562,7 +577,7 @@ class PostgresStore:
         return sorted(map(_claimed, rows), key=_by_order)
 
     async def has_suspects(self, tasks: Collection[str]) -> bool:
-        rows = await self._run(self._select, self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
+        rows = await self._read(self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
         return bool(rows[0][0])
 
     async def claim_suspect(
@@ -703,7 +718,7 @@ class PostgresStore:
         sql = self.sql(
             "SELECT scope, name, since FROM {s}.flexq_pauses ORDER BY since, scope, name"
         )
-        rows = await self._run(self._select, sql, ())
+        rows = await self._read(sql, ())
         return [
             Pause(PauseScope(scope), name, timestamp_to_datetime(since))
             for scope, name, since in rows
@@ -726,14 +741,14 @@ class PostgresStore:
 
     async def get(self, job_id: JobId) -> JobInfo:
         sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = %s")
-        rows = await self._run(self._select, sql, (job_id,))
+        rows = await self._read(sql, (job_id,))
         if not rows:
             raise JobNotFound(job_id)
         return _info(rows[0])
 
     async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
         sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = ANY(%s::text[])")
-        rows = await self._run(self._select, sql, (list(dict.fromkeys(job_ids)),))
+        rows = await self._read(sql, (list(dict.fromkeys(job_ids)),))
         return [_info(row) for row in rows]
 
     async def jobs(
@@ -747,7 +762,7 @@ class PostgresStore:
             f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE {clause}"
             " ORDER BY seq LIMIT %s OFFSET %s"
         )
-        rows = await self._run(self._select, sql, [*params, limit, offset])
+        rows = await self._read(sql, [*params, limit, offset])
         return [(row[0], _info(row)) for row in rows]
 
     async def counts(self, where: JobFilter) -> dict[State, int]:
@@ -755,7 +770,7 @@ class PostgresStore:
         sql = self.sql(
             f"SELECT state, count(*) FROM {{s}}.flexq_jobs WHERE {clause} GROUP BY state"
         )
-        rows = await self._run(self._select, sql, params)
+        rows = await self._read(sql, params)
         return {State(state): count for state, count in rows}
 
 

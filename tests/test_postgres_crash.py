@@ -1,0 +1,127 @@
+"""Crash safety on PostgreSQL: worker processes SIGKILLed at random while they share a database.
+
+The same children as ``test_crash.py`` (``tests/crash_worker.py``), given a PostgreSQL URL
+instead of a SQLite file; the test process only enqueues and queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+import flexq
+from flexq import Call, State
+
+from .conftest import postgres_url
+from .crash_worker import RunLog, register_tasks
+from .test_crash import WORKER_SCRIPT, WorkerProcesses, all_final, all_jobs, read_runs, until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from anyio.abc import Process
+
+TENANTS = 5
+
+
+class PostgresWorkers(WorkerProcesses):
+    """Worker processes on one PostgreSQL schema."""
+
+    def __init__(self, directory: Path, backend: str, url: str) -> None:
+        super().__init__(directory, backend)
+        self.url = url
+
+    async def start(self, *, workers: int = 4) -> Process:
+        output = self._directory / f"worker-{len(self._started)}.out"
+        command = [
+            sys.executable, str(WORKER_SCRIPT), self.url, str(self.runs), self.backend,
+            "--workers", str(workers),
+        ]  # fmt: skip
+        with output.open("wb") as sink:
+            process = await anyio.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self._started.append((process, output))
+        return process
+
+
+@pytest.fixture
+async def pg_workers(
+    tmp_path: Path, pg_schema: str, anyio_backend: tuple[str, dict[str, Any]]
+) -> AsyncIterator[PostgresWorkers]:
+    """Worker processes on the test's schema, on the test's kind of event loop."""
+    processes = PostgresWorkers(tmp_path, anyio_backend[0], postgres_url(pg_schema))
+    try:
+        yield processes
+    finally:
+        await processes.close()
+
+
+@contextlib.asynccontextmanager
+async def producer(url: str) -> AsyncIterator[tuple[flexq.Queue, dict[str, flexq.Task[Any]]]]:
+    """A queue that only enqueues and queries, with the crash tasks registered."""
+    queue = flexq.Queue(url, poll_interval=0.05)
+    tasks = register_tasks(queue, RunLog(os.devnull))
+    await queue.open()
+    try:
+        yield queue, tasks
+    finally:
+        await queue.close()
+
+
+@pytest.mark.slow
+async def test_random_sigkills_of_three_workers_lose_no_job(pg_workers: PostgresWorkers) -> None:
+    """3 worker processes share 10,000 jobs of 5 tenants; every second one of them is SIGKILLed
+    and a new one started. Every job ends COMPLETED, none is lost, and only jobs that a killed
+    process held ran more than once."""
+    total, workers, processes = 10_000, 8, 3
+    rng = random.Random(6)
+    async with producer(pg_workers.url) as (queue, tasks):
+        calls = [
+            Call(tasks["work"], n, 0.002 + (n % 5) / 1000).with_options(tenant=f"t{n % TENANTS}")
+            for n in range(total)
+        ]
+        ids = await queue.enqueue_many(calls)
+        alive = [await pg_workers.start(workers=workers) for _ in range(processes)]
+        kills = 0
+        with anyio.fail_after(90):
+            while not await all_final(queue, total):
+                await anyio.sleep(1.0)
+                for process in alive:
+                    pg_workers.check_alive(process)
+                if kills < 8:
+                    victim = alive.pop(rng.randrange(len(alive)))
+                    await pg_workers.kill(victim)
+                    assert victim.returncode == -signal.SIGKILL
+                    kills += 1
+                    alive.append(await pg_workers.start(workers=workers))
+        await until(lambda: all_final(queue, total), 30, "every job to be final")
+        jobs = await all_jobs(queue)
+        runs = await read_runs(pg_workers.runs)
+
+    assert kills >= 3, "the jobs ran out before enough kills: make them longer"
+    assert any(info.errors for info in jobs.values()), "no kill interrupted a job"
+    assert sorted(info.id for info in jobs.values()) == sorted(ids), "a job was lost"
+    assert {info.state for info in jobs.values()} == {State.COMPLETED}
+    assert {info.tenant for info in jobs.values()} == {f"t{i}" for i in range(TENANTS)}
+    assert [n for n in range(total) if runs.dones[n] < 1] == [], "jobs that never ran to the end"
+    extra = sum(count - 1 for count in runs.starts.values() if count > 1)
+    # A killed process held at most its workers' jobs plus the outcomes not yet written.
+    assert extra <= kills * 2 * workers, f"{extra} extra runs after {kills} kills"
+    for n, info in jobs.items():
+        assert info.result == n
+        assert info.attempts == 1 + len(info.errors), info
+        assert {error.type for error in info.errors} <= {"flexq.LeaseExpired"}
