@@ -314,7 +314,7 @@ class Queue:
             group.start_soon(monitor.run)
         group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
-        group.start_soon(self._store.listen, self._work_elsewhere)
+        group.start_soon(self._store.listen, self._work_elsewhere, self._free_workers)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
 
     @staticmethod
@@ -345,6 +345,9 @@ class Queue:
                 self._dispatcher.poll_now()
             else:
                 self._dispatcher.notify(tenants, run_at)
+
+    def _free_workers(self) -> int:
+        return self._runner.free_slots if self._runner is not None else 0
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:

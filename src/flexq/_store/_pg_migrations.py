@@ -58,8 +58,6 @@ CREATE TABLE {{schema}}.flexq_jobs (
 );
 CREATE INDEX flexq_jobs_ready ON {{schema}}.flexq_jobs (tenant, task, priority DESC, kind_rank, seq)
     WHERE state = 'QUEUED' AND lease_expiries = 0;
-CREATE INDEX flexq_jobs_ready_tasks ON {{schema}}.flexq_jobs (task, tenant)
-    WHERE state = 'QUEUED' AND lease_expiries = 0;
 CREATE INDEX flexq_jobs_suspects ON {{schema}}.flexq_jobs (seq)
     WHERE state = 'QUEUED' AND lease_expiries > 0;
 CREATE INDEX flexq_jobs_scheduled ON {{schema}}.flexq_jobs (run_at) WHERE state = 'SCHEDULED';

@@ -208,13 +208,19 @@ class Store(Protocol):
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs that finished before the time; return how many."""
 
-    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
         """Until cancelled, call ``wake(tenants, run_at)`` when another process made work ready.
 
         ``tenants`` have QUEUED jobs now, and ``run_at`` is the earliest time of a new
-        SCHEDULED job; ``tenants`` None means "look at the store". A store that cannot hear
-        other processes (memory, SQLite) just waits to be cancelled: the dispatcher's poll
-        finds their work.
+        SCHEDULED job; ``tenants`` None means "look at the store". ``free_workers`` says how
+        many jobs this process could start now: while it listens, a store need not wake other
+        processes for work this process takes on itself. A store that cannot hear other
+        processes (memory, SQLite) just waits to be cancelled: the dispatcher's poll finds
+        their work.
         """
 
 

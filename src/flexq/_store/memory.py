@@ -361,7 +361,11 @@ class MemoryStore:
             del self._rows[job_id]
         return len(finished[:limit])
 
-    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
         await anyio.sleep_forever()
 
     # -- queries ----------------------------------------------------------------------------

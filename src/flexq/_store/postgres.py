@@ -81,9 +81,17 @@ _INFO_COLUMNS = (
     "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
     "abort_requested"
 )
+ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
+"""Evaluated by a statement, lets its transaction commit without waiting for the disk.
+
+Claims, lease renewals and promotions use it: if the server crashes before their WAL reaches
+the disk (a fraction of a second later), they are undone, and undoing them is safe (the job is
+QUEUED again, or SCHEDULED, or its lease a few seconds shorter). An outcome written later is
+flushed with all the WAL before it, claim included. Enqueues and outcomes wait for the disk."""
+
 _CLAIMED_COLUMNS = (
     "j.id, j.task, j.kind, j.tenant, j.priority, j.args, j.kwargs, j.attempts, j.max_attempts,"
-    " j.timeout, j.parent_id, j.kind_rank, j.seq"
+    f" j.timeout, j.parent_id, j.kind_rank, j.seq, {ASYNC_COMMIT}"
 )
 _TAKE = (
     "state = 'PROCESSING', attempts = j.attempts + 1, started_at = %(now)s,"
@@ -147,22 +155,27 @@ off ``flexq_jobs_ready`` and locked (skipping rows other claims hold), then the 
 each tenant among those."""
 
 READY_TENANTS = """
-SELECT DISTINCT found.tenant FROM unnest(%(tasks)s::text[]) AS r(task) CROSS JOIN LATERAL (
-    WITH RECURSIVE ready(tenant) AS (
-        (SELECT tenant FROM {s}.flexq_jobs
-         WHERE state = 'QUEUED' AND lease_expiries = 0 AND task = r.task
-         ORDER BY tenant LIMIT 1)
-        UNION ALL
-        SELECT (SELECT tenant FROM {s}.flexq_jobs
-                WHERE state = 'QUEUED' AND lease_expiries = 0 AND task = r.task
-                    AND tenant > ready.tenant
-                ORDER BY tenant LIMIT 1)
-        FROM ready WHERE ready.tenant IS NOT NULL
-    )
-    SELECT tenant FROM ready WHERE tenant IS NOT NULL
-) AS found
-ORDER BY found.tenant"""
-"""A loose index scan over ``flexq_jobs_ready_tasks``: one probe per tenant, per task."""
+WITH RECURSIVE ready(tenant) AS (
+    (SELECT tenant FROM {s}.flexq_jobs
+     WHERE state = 'QUEUED' AND lease_expiries = 0
+     ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM {s}.flexq_jobs
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+            ORDER BY tenant LIMIT 1)
+    FROM ready WHERE ready.tenant IS NOT NULL
+)
+SELECT tenant FROM ready
+WHERE tenant IS NOT NULL AND EXISTS (
+    SELECT 1 FROM {s}.flexq_jobs
+    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ready.tenant
+        AND task = ANY(%(tasks)s::text[])
+)
+ORDER BY tenant"""
+"""A loose index scan over ``flexq_jobs_ready``: one probe per tenant with QUEUED jobs, and one
+per such tenant and task asked for. There is no second index over (task, tenant), as the
+SQLite store has: without statistics (a new table) PostgreSQL's planner would claim through it
+and sort a tenant's whole backlog."""
 
 _SUSPECT = """
 SELECT seq FROM {s}.flexq_jobs
@@ -184,7 +197,8 @@ CLAIM_SUSPECT = (
     + _CLAIMED_COLUMNS
 )
 
-PROMOTE = """
+PROMOTE = (
+    """
 WITH due AS (
     SELECT seq FROM {s}.flexq_jobs
     WHERE state = 'SCHEDULED' AND run_at <= %(now)s
@@ -200,7 +214,10 @@ SELECT
     ARRAY(SELECT DISTINCT tenant FROM promoted ORDER BY tenant),
     (SELECT run_at FROM {s}.flexq_jobs
      WHERE state = 'SCHEDULED' AND seq NOT IN (SELECT seq FROM due)
-     ORDER BY run_at LIMIT 1)"""
+     ORDER BY run_at LIMIT 1),
+    """
+    + ASYNC_COMMIT
+)
 """Due jobs to QUEUED, and the earliest run_at of those still waiting (the statement sees the
 table as it was before its own update, so the promoted rows are left out by hand)."""
 
@@ -234,7 +251,7 @@ WITH held AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s FROM held WHERE j.seq = held.seq
-RETURNING j.id, j.abort_requested"""
+RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
 """Rows locked by a report in flight are skipped: they are being released, and locking them in
 another order than the report could deadlock."""
 
@@ -373,6 +390,7 @@ class PostgresStore:
         self.channel = f"flexq_{schema}"
         self.connect_timeout = connect_timeout
         self._sql: dict[str, str] = {}
+        self._free_workers: Callable[[], int] | None = None
         self._pool = _Connections(f"flexq-postgres:{schema}", connections, self._connect)
 
     def __repr__(self) -> str:
@@ -386,6 +404,10 @@ class PostgresStore:
             autocommit=True,
             connect_timeout=max(1, round(self.connect_timeout)),
             application_name="flexq",
+            # Every statement is prepared at once and planned once: they all bind arrays and
+            # values whose plans do not depend on them (the partial indexes say how to run them).
+            prepare_threshold=0,
+            options="-c plan_cache_mode=force_generic_plan",
         )
 
     def sql(self, template: str) -> str:
@@ -464,40 +486,57 @@ class PostgresStore:
     async def close(self) -> None:
         await self._pool.stop()
 
-    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
         """Until cancelled, call ``wake(tenants, run_at)`` when another process made work ready.
 
         ``tenants`` is None when the notification could not say whose work it is (too many
         tenants, jobs returned after a crash, a resumed pause, or a reconnection after which
         notifications may have been missed): the caller should then look at the store.
+
+        Meanwhile this store's enqueues and retries notify other processes only when they
+        make more jobs ready than ``free_workers()``: a process that takes on its own work
+        wakes nobody else (who would only race it for the same jobs).
         """
         listener = _Listener(self, wake)
         thread = threading.Thread(
             target=listener.serve, name=f"flexq-postgres-listen:{self.schema}", daemon=True
         )
         thread.start()
+        self._free_workers = free_workers
         try:
             await anyio.sleep_forever()
         finally:
+            self._free_workers = None
             listener.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
 
     # -- enqueue ----------------------------------------------------------------------------
 
+    def _tell_others(self, ready: int) -> bool:
+        """Whether to NOTIFY other processes of ``ready`` new jobs (see :meth:`listen`)."""
+        free_workers = self._free_workers
+        return free_workers is None or ready > free_workers()
+
     async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
-        return await self._run(self._enqueue, units, now)
+        ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
+        return await self._run(self._enqueue, units, now, self._tell_others(ready))
 
     def _enqueue(
-        self, conn: Connection, units: Sequence[EnqueueUnit], now: float
+        self, conn: Connection, units: Sequence[EnqueueUnit], now: float, tell_others: bool
     ) -> list[EnqueueResult]:
         jobs = [job for unit in units for job in unit.jobs]
         tenants = {job.tenant for job in jobs if job.run_at <= now}
         later = min((job.run_at for job in jobs if job.run_at > now), default=None)
+        notify = tell_others and (tenants or later is not None)
         if all(job.key is None for job in jobs):
             sql = self.sql(_INSERT)
             params = _insert_params(jobs, now)
-            if tenants or later is not None:
+            if notify:
                 sql = f"WITH inserted AS ({sql}) SELECT pg_notify(%(channel)s, %(payload)s)"
                 params.update(channel=self.channel, payload=_payload(tenants, later))
             conn.execute(sql, params)
@@ -518,7 +557,7 @@ class PostgresStore:
                 except DuplicateJob as duplicate:
                     results.append(duplicate)
             self._insert(conn, unkeyed, now)
-            if tenants or later is not None:
+            if notify:
                 self._notify(conn, tenants, later)
         return results
 
@@ -588,10 +627,20 @@ class PostgresStore:
         return _claimed(rows[0]) if rows else None
 
     async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
-        return await self._run(self._report, owner, checked_outcomes(outcomes), now)
+        checked = checked_outcomes(outcomes)
+        # Released jobs are let go because this process stops: others must hear of them.
+        retries = sum(o.state is State.QUEUED and not o.release for o in checked)
+        released = any(o.release for o in checked)
+        tell_others = released or self._tell_others(retries)
+        return await self._run(self._report, owner, checked, now, tell_others)
 
     def _report(
-        self, conn: Connection, owner: str, outcomes: Sequence[Outcome], now: float
+        self,
+        conn: Connection,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        now: float,
+        tell_others: bool,
     ) -> list[JobId]:
         if not outcomes:
             return []
@@ -614,14 +663,14 @@ class PostgresStore:
             (o.run_at for o in outcomes if o.state is State.SCHEDULED and o.run_at is not None),
             default=None,
         )
-        if requeued or later is not None:
+        if tell_others and (requeued or later is not None):
             self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
         params = {"owner": owner, "lease_until": lease_until}
         rows = await self._run(self._select, self.sql(RENEW), params)
-        return [job_id for job_id, abort_requested in rows if abort_requested]
+        return [job_id for job_id, abort_requested, _ in rows if abort_requested]
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         return await self._run(self._recover, now, max_lease_expiries)
@@ -653,7 +702,7 @@ class PostgresStore:
 
     async def promote(self, now: float) -> tuple[list[str], float | None]:
         rows = await self._run(self._select, self.sql(PROMOTE), {"now": now})
-        tenants, next_run_at = rows[0]
+        tenants, next_run_at, _ = rows[0]
         return list(tenants), next_run_at
 
     # -- control ----------------------------------------------------------------------------

@@ -619,7 +619,11 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
-    async def listen(self, wake: Callable[[list[str] | None, float | None], None]) -> None:
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
         await anyio.sleep_forever()
 
     # -- queries ----------------------------------------------------------------------------
