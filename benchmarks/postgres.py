@@ -14,6 +14,7 @@ job is COMPLETED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -26,10 +27,11 @@ import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import flexq
+from benchmarks import latency
 from benchmarks._common import NOOP_TASK, quiet_logs, rate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
 DSN = os.environ.get(
     "FLEXQ_BENCH_POSTGRES_DSN",
@@ -126,12 +128,12 @@ async def drain(url: str, jobs: int, workers: int) -> Drain:
     return Drain(jobs=jobs, workers=workers, processes=1, seconds=seconds)
 
 
-async def drain_processes(
-    url: str, jobs: int, workers: int, processes: int, backend: str = "asyncio"
-) -> Drain:
-    """Fill ``jobs`` jobs into a paused queue, start ``processes`` worker processes, resume,
-    and time until every job is COMPLETED (the counts are polled every 10 ms)."""
-    await fill(url, jobs, paused=True)
+@contextlib.asynccontextmanager
+async def worker_processes(
+    url: str, processes: int, workers: int, backend: str = "asyncio"
+) -> AsyncIterator[None]:
+    """Worker processes on ``url``, each with ``workers`` workers, up and running; killed at
+    the end."""
     command = [
         sys.executable, "-m", "benchmarks.postgres", "worker", url, str(workers), backend
     ]  # fmt: skip
@@ -143,6 +145,22 @@ async def drain_processes(
                 line = await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 100)
             if line.strip() != b"ready":
                 raise RuntimeError(f"a worker process failed to start: {line!r}")
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            for child in children:
+                child.kill()
+                await child.wait()
+                await child.aclose()
+
+
+async def drain_processes(
+    url: str, jobs: int, workers: int, processes: int, backend: str = "asyncio"
+) -> Drain:
+    """Fill ``jobs`` jobs into a paused queue, start ``processes`` worker processes, resume,
+    and time until every job is COMPLETED (the counts are polled every 10 ms)."""
+    await fill(url, jobs, paused=True)
+    async with worker_processes(url, processes, workers, backend):
         queue, _ = noop_queue(url)
         await queue.open()
         try:
@@ -157,12 +175,16 @@ async def drain_processes(
                 seconds = time.perf_counter() - started
         finally:
             await queue.close()
-    finally:
-        for child in children:
-            child.kill()
-            await child.wait()
-            await child.aclose()
     return Drain(jobs=jobs, workers=workers, processes=processes, seconds=seconds)
+
+
+async def idle_latency_beside(
+    url: str, samples: int, processes: int, backend: str = "asyncio"
+) -> latency.Latency:
+    """:func:`benchmarks.latency.idle_latency` with ``processes`` idle worker processes
+    sharing the database."""
+    async with worker_processes(url, processes, 8, backend):
+        return await latency.idle_latency(url, "postgres", samples)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

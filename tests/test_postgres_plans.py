@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
+from flexq import State
 from flexq._store import postgres as pg
+from flexq.abc import JobFilter
 
 from .conftest import POSTGRES_DSN
 
@@ -90,7 +92,7 @@ def test_ready_tenants_and_suspects_use_their_partial_indexes(
     [
         (pg.PROMOTE, {"now": 5.0}, "flexq_jobs_scheduled"),
         (pg.EXPIRED, {"now": 5.0}, "flexq_jobs_leases"),
-        (pg.RENEW, {"owner": "o7", "lease_until": 9.0}, "flexq_jobs_owners"),
+        (pg.RENEW, {"owner": "o7", "lease_until": 9.0}, "flexq_jobs_leases"),
         (pg.PRUNE, {"before": 5.0, "limit": 500}, "flexq_jobs_finished"),
     ],
     ids=["promote", "recover", "renew", "prune"],
@@ -102,3 +104,14 @@ def test_upkeep_statements_use_their_partial_indexes(
     text = plan(conn, sql, params)
     assert index in text, text
     assert "Seq Scan on flexq_jobs" not in text, text
+
+
+@pytest.mark.slow
+def test_listing_failed_jobs_reads_their_partial_index(
+    conn: psycopg.Connection[tuple[Any, ...]],
+) -> None:
+    """Listing the jobs of a rare final state does not walk the million others."""
+    sql, params = pg.select_jobs(JobFilter(state=State.FAILED), after_seq=None)
+    rows = conn.execute("EXPLAIN " + STORE.sql(sql), [*params, 100, 0]).fetchall()
+    text = "\n".join(row[0] for row in rows)
+    assert "flexq_jobs_failed" in text, text

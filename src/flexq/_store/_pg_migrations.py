@@ -3,6 +3,13 @@
 Each migration is applied once, in order, in one transaction, and recorded in
 ``flexq_migrations``. Never edit a migration that has shipped: add the next one. The SQL names
 its objects ``{schema}.flexq_...``; ``{schema}`` is replaced by the store's (validated) schema.
+
+Every claim and every outcome writes a new version of the job's row, and with it an entry in
+every index (a state change is never a HOT update), so the table has only the indexes that
+the dispatcher, upkeep and the common queries need. Running jobs are few (at most the workers
+of all processes): renewal and recovery share one index of them. Listing jobs by state has an
+index only for the rare final states (FAILED, ABORTED); the others are common, or have a
+partial index of their own.
 """
 
 from __future__ import annotations
@@ -62,13 +69,13 @@ CREATE INDEX flexq_jobs_suspects ON {{schema}}.flexq_jobs (seq)
     WHERE state = 'QUEUED' AND lease_expiries > 0;
 CREATE INDEX flexq_jobs_scheduled ON {{schema}}.flexq_jobs (run_at) WHERE state = 'SCHEDULED';
 CREATE INDEX flexq_jobs_leases ON {{schema}}.flexq_jobs (lease_until) WHERE state IN ({_RUNNING});
-CREATE INDEX flexq_jobs_owners ON {{schema}}.flexq_jobs (lease_owner) WHERE state IN ({_RUNNING});
 CREATE INDEX flexq_jobs_finished ON {{schema}}.flexq_jobs (finished_at)
     WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX flexq_jobs_key ON {{schema}}.flexq_jobs (tenant, key)
     WHERE key IS NOT NULL AND state NOT IN ({_FINAL});
 CREATE INDEX flexq_jobs_tenant ON {{schema}}.flexq_jobs (tenant, seq);
-CREATE INDEX flexq_jobs_state ON {{schema}}.flexq_jobs (state, seq);
+CREATE INDEX flexq_jobs_failed ON {{schema}}.flexq_jobs (state, seq)
+    WHERE state IN ('FAILED', 'ABORTED');
 CREATE INDEX flexq_jobs_parent ON {{schema}}.flexq_jobs (parent_id) WHERE parent_id IS NOT NULL;
 CREATE TABLE {{schema}}.flexq_pauses (
     scope text NOT NULL,

@@ -146,13 +146,16 @@ chosen AS (
 UPDATE {s}.flexq_jobs AS j SET """
     + _TAKE
     + """
-FROM chosen WHERE j.seq = chosen.seq
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
 RETURNING """
     + _CLAIMED_COLUMNS
 )
 """Claims for every tenant at once: the best ``n`` of each (tenant, runnable task) pair, read
 off ``flexq_jobs_ready`` and locked (skipping rows other claims hold), then the best ``n`` of
-each tenant among those."""
+each tenant among those.
+
+Here and below, updates find their rows with ``= ANY (array)``: joined to a CTE or a VALUES
+list instead, the planner may guess many rows and hash the whole table."""
 
 READY_TENANTS = """
 WITH RECURSIVE ready(tenant) AS (
@@ -193,7 +196,7 @@ CLAIM_SUSPECT = (
     + _SUSPECT
     + "\nFOR UPDATE SKIP LOCKED)\nUPDATE {s}.flexq_jobs AS j SET "
     + _TAKE
-    + "\nFROM suspect WHERE j.seq = suspect.seq\nRETURNING "
+    + "\nWHERE j.seq = (SELECT seq FROM suspect)\nRETURNING "
     + _CLAIMED_COLUMNS
 )
 
@@ -207,7 +210,8 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ),
 promoted AS (
-    UPDATE {s}.flexq_jobs AS j SET state = 'QUEUED' FROM due WHERE j.seq = due.seq
+    UPDATE {s}.flexq_jobs AS j SET state = 'QUEUED'
+    WHERE j.seq = ANY (ARRAY(SELECT seq FROM due))
     RETURNING j.tenant
 )
 SELECT
@@ -240,7 +244,8 @@ UPDATE {{s}}.flexq_jobs AS j SET
 FROM unnest(%(id)s::text[], %(state)s::text[], %(result)s::text[], %(error)s::text[],
     %(run_at)s::float8[], %(release)s::bool[], %(retry)s::bool[], %(final)s::bool[])
     AS v(id, state, result, error, run_at, release, retry, final)
-WHERE j.id = v.id AND j.lease_owner = %(owner)s AND j.state IN ({_RUNNING})
+WHERE j.id = ANY (%(id)s::text[]) AND j.id = v.id AND j.lease_owner = %(owner)s
+    AND j.state IN ({_RUNNING})
 RETURNING j.id, j.state, j.tenant"""
 """Every outcome of a report in one statement: each row of ``v`` is one job's outcome."""
 
@@ -250,7 +255,8 @@ WITH held AS (
     WHERE state IN ({_RUNNING}) AND lease_owner = %(owner)s
     FOR UPDATE SKIP LOCKED
 )
-UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s FROM held WHERE j.seq = held.seq
+UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
 RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
 """Rows locked by a report in flight are skipped: they are being released, and locking them in
 another order than the report could deadlock."""
@@ -271,7 +277,7 @@ UPDATE {{s}}.flexq_jobs AS j SET
     finished_at = v.finished_at
 FROM unnest(%(id)s::text[], %(state)s::text[], %(error)s::text[], %(finished_at)s::float8[])
     AS v(id, state, error, finished_at)
-WHERE j.id = v.id"""
+WHERE j.id = ANY (%(id)s::text[]) AND j.id = v.id"""
 
 PRUNE = f"""
 DELETE FROM {{s}}.flexq_jobs WHERE seq IN (
@@ -803,15 +809,8 @@ class PostgresStore:
     async def jobs(
         self, where: JobFilter, *, after_seq: int | None, offset: int, limit: int
     ) -> list[tuple[int, JobInfo]]:
-        clause, params = _where(where)
-        if after_seq is not None:
-            clause += " AND seq > %s"
-            params.append(after_seq)
-        sql = self.sql(
-            f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE {clause}"
-            " ORDER BY seq LIMIT %s OFFSET %s"
-        )
-        rows = await self._read(sql, [*params, limit, offset])
+        sql, params = select_jobs(where, after_seq)
+        rows = await self._read(self.sql(sql), [*params, limit, offset])
         return [(row[0], _info(row)) for row in rows]
 
     async def counts(self, where: JobFilter) -> dict[State, int]:
@@ -952,15 +951,23 @@ def _by_order(job: ClaimedJob) -> tuple[int, int, int]:
     return job.order
 
 
+def select_jobs(where: JobFilter, after_seq: int | None) -> tuple[str, list[Any]]:
+    """The query of :meth:`PostgresStore.jobs` and its parameters, but LIMIT and OFFSET."""
+    clause, params = _where(where)
+    if after_seq is not None:
+        clause += " AND seq > %s"
+        params.append(after_seq)
+    order = "ORDER BY seq LIMIT %s OFFSET %s"
+    return f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE {clause} {order}", params
+
+
 def _where(where: JobFilter) -> tuple[str, list[Any]]:
     clauses = ["true"]
     params: list[Any] = []
-    for column, value in (
-        ("tenant", where.tenant),
-        ("state", where.state),
-        ("kind", where.kind),
-        ("task", where.task),
-    ):
+    if where.state is not None:
+        # A literal, not a parameter: the planner can then use the partial indexes by state.
+        clauses.append(f"state = '{State(where.state)}'")
+    for column, value in (("tenant", where.tenant), ("kind", where.kind), ("task", where.task)):
         if value is not None:
             clauses.append(f"{column} = %s")
             params.append(str(value))
