@@ -58,6 +58,15 @@ def test_urls_select_the_postgres_store_with_its_options() -> None:
         store_from_url("postgresql://h/db?connections=many")
 
 
+def test_queue_takes_the_schema_as_a_keyword() -> None:
+    """flexq.Queue(dsn, schema=...) picks the schema, over the URL's; other stores refuse it."""
+    queue = flexq.Queue("postgresql://u@h/db?schema=a", schema="b")
+    assert isinstance(queue.store, PostgresStore)
+    assert queue.store.schema == "b"
+    with pytest.raises(InvalidArguments):
+        flexq.Queue("memory://", schema="b")
+
+
 @pytest.mark.parametrize("schema", ["Upper", "x; DROP TABLE y", "", "a" * 64, "1abc"])
 def test_schema_names_must_be_plain_identifiers(schema: str) -> None:
     """A schema name is never pasted into SQL unless it is a plain lower-case identifier."""

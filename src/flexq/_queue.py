@@ -87,7 +87,8 @@ class Queue:
     """A durable job queue that runs its jobs in this event loop.
 
     Args:
-        url: ``"sqlite:///flexq.db"`` (the default), ``"memory://"``, or a Store object.
+        url: ``"sqlite:///flexq.db"`` (the default), ``"memory://"``,
+            ``"postgresql://user@host/database"``, or a Store object.
         workers: how many jobs run at once in this process.
         lease: seconds a claimed job is held before another process may take it over, unless
             renewed (this process renews every third of it while the job runs).
@@ -105,6 +106,8 @@ class Queue:
         max_lease_expiries: a job whose lease expired this many times (its process keeps dying)
             ends FAILED instead of being run again.
         clock: the time source (epoch seconds) for timestamps; tests may replace it.
+        schema: the PostgreSQL schema of flexq's tables (default ``"flexq"``, or the URL's
+            ``?schema=``); only for ``postgresql://`` URLs.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class Queue:
         weights: Mapping[str, float] | None = None,
         max_lease_expiries: int = 3,
         clock: Callable[[], float] = time.time,
+        schema: str | None = None,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
@@ -137,7 +141,9 @@ class Queue:
         _check_seconds("grace_period", grace_period, allow_zero=True)
         if max_loop_lag is not None:
             _check_seconds("max_loop_lag", max_loop_lag, allow_zero=False)
-        self._store: Store = store_from_url(url) if isinstance(url, str) else url
+        if schema is not None and not isinstance(url, str):
+            raise InvalidArguments("schema= goes with a postgresql:// URL, not a Store object")
+        self._store: Store = store_from_url(url, schema=schema) if isinstance(url, str) else url
         self.workers = workers
         self.lease = lease
         self.poll_interval = poll_interval

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from flexq._store.base import Store
 
 
-def store_from_url(url: str) -> Store:
+def store_from_url(url: str, *, schema: str | None = None) -> Store:
     """The store a URL names: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs.db``.
 
     SQLite URLs take ``?synchronous=NORMAL|FULL`` (default NORMAL: durable across process
@@ -21,9 +21,12 @@ def store_from_url(url: str) -> Store:
 
     ``postgresql://`` (or ``postgres://``) URLs select the PostgreSQL store and take
     ``?schema=NAME`` (default ``flexq``) and ``?connections=N`` (default 4); other query
-    parameters go to libpq as they are (``sslmode=require``, say).
+    parameters go to libpq as they are (``sslmode=require``, say). ``schema`` overrides the
+    URL's schema.
     """
     parsed = urllib.parse.urlsplit(url)
+    if schema is not None and parsed.scheme not in ("postgresql", "postgres"):
+        raise InvalidArguments(f"schema= is for postgresql:// URLs, not {url!r}")
     if parsed.scheme == "memory":
         return MemoryStore()
     if parsed.scheme == "sqlite":
@@ -38,14 +41,14 @@ def store_from_url(url: str) -> Store:
             raise InvalidArguments(f"unknown SQLite option(s) {sorted(unknown)} in {url!r}")
         return SQLiteStore(path, synchronous=options.get("synchronous", "NORMAL"))
     if parsed.scheme in ("postgresql", "postgres"):
-        return _postgres(parsed)
+        return _postgres(parsed, schema)
     raise InvalidArguments(
         f"unsupported store URL {url!r}: use 'memory://', 'sqlite:///path/to/file.db'"
         " or 'postgresql://user@host/database'"
     )
 
 
-def _postgres(parsed: urllib.parse.SplitResult) -> Store:
+def _postgres(parsed: urllib.parse.SplitResult, schema: str | None) -> Store:
     from flexq._store.postgres import PostgresStore
 
     options: dict[str, Any] = {}
@@ -60,5 +63,7 @@ def _postgres(parsed: urllib.parse.SplitResult) -> Store:
                 raise InvalidArguments(f"connections must be an int, not {value!r}") from None
         else:
             libpq.append((name, value))
+    if schema is not None:
+        options["schema"] = schema
     dsn = parsed._replace(query=urllib.parse.urlencode(libpq)).geturl()
     return PostgresStore(dsn, **options)
