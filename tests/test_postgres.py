@@ -110,6 +110,25 @@ async def test_sql_looking_input_is_stored_as_data(pg_store: PostgresStore) -> N
     assert await pg_store.ready_tenants(TASKS) == [evil]
 
 
+async def test_nul_in_a_tenant_or_key_is_refused_before_anything_is_written(
+    pg_schema: str,
+) -> None:
+    """PostgreSQL text cannot hold NUL: such a tenant or key is bad input, refused at the call
+    (not a StoreError that would fail the other enqueues of its group commit)."""
+    queue = make_queue(postgres_url(pg_schema))
+
+    @queue.task(name="t")
+    async def t() -> None:
+        pass
+
+    async with queue:
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, tenant="a\x00b")
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, key="k\x00")
+        assert sum((await queue.counts()).values()) == 0
+
+
 async def test_store_calls_fail_while_the_server_is_unreachable(pg_schema: str) -> None:
     """A database that cannot be reached is a StoreError, with the driver's error as cause."""
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", schema=pg_schema)

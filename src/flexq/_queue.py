@@ -753,8 +753,9 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
 
 
 def _is_text(value: object, max_length: int) -> bool:
-    """A non-empty string of at most ``max_length`` characters that UTF-8 can encode."""
-    if not isinstance(value, str) or not value or len(value) > max_length:
+    """A non-empty string of at most ``max_length`` characters that UTF-8 can encode, without
+    NUL (which PostgreSQL's text cannot hold)."""
+    if not isinstance(value, str) or not value or len(value) > max_length or "\x00" in value:
         return False
     try:
         value.encode()
