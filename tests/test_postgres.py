@@ -3,14 +3,14 @@ through LISTEN/NOTIFY, reconnection after the server dropped a connection, concu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 import pytest
 
 import flexq
-from flexq import DuplicateJob, FlexqError, InvalidArguments, State, StoreError
+from flexq import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, State, StoreError
 from flexq._store import _pg_migrations as migrations
 from flexq._store.postgres import PostgresStore
 from flexq._store.url import store_from_url
@@ -140,15 +140,16 @@ async def test_store_calls_fail_while_the_server_is_unreachable(pg_schema: str) 
 async def test_store_reconnects_after_its_connections_were_terminated(
     pg_store: PostgresStore,
 ) -> None:
-    """Idle connections killed by the server are replaced before the next call: nothing fails."""
+    """Idle connections killed by the server are replaced before the next call: nothing fails,
+    not even writes (which are never tried twice)."""
     await put(pg_store, job("a"), job("b"))
     pids = set(pg_store._pool.backend_pids)
     assert pids
     terminate(pids)
-    await anyio.sleep(0.1)  # the server closes them on its own time
-    for _ in range(8):  # enough calls to reach every connection
-        assert (await pg_store.get("a")).state is State.QUEUED
-    assert pg_store._pool.backend_pids.isdisjoint(pids)
+    await anyio.sleep(0.2)  # the server closes them on its own time
+    for n in range(8):
+        await put(pg_store, job(f"c{n}"))
+    assert pg_store._pool.backend_pids - pids, "no connection was replaced"
 
 
 async def test_a_key_raced_by_two_stores_is_taken_once(pg_schema: str) -> None:
@@ -291,3 +292,81 @@ async def test_jobs_complete_while_the_server_keeps_killing_connections(pg_schem
     assert [(info.state, info.result) for info in infos] == [
         (State.COMPLETED, n) for n in range(600)
     ]
+
+
+async def open_app_connection(
+    kind: str,
+) -> psycopg.Connection[tuple[Any, ...]] | psycopg.AsyncConnection[tuple[Any, ...]]:
+    """The application's own connection, of a kind that works on the running loop."""
+    if kind == "async":
+        return await psycopg.AsyncConnection.connect(POSTGRES_DSN)
+    return await anyio.to_thread.run_sync(psycopg.connect, POSTGRES_DSN)
+
+
+async def finish(
+    conn: psycopg.Connection[tuple[Any, ...]] | psycopg.AsyncConnection[tuple[Any, ...]],
+    how: str,
+) -> None:
+    """Commit or roll back the application's transaction, and close its connection."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        await (conn.commit() if how == "commit" else conn.rollback())
+        await conn.close()
+    else:
+        await anyio.to_thread.run_sync(conn.commit if how == "commit" else conn.rollback)
+        await anyio.to_thread.run_sync(conn.close)
+
+
+async def test_enqueue_in_the_applications_transaction(pg_schema: str) -> None:
+    """A job enqueued with connection= exists if and only if the application's transaction
+    commits; once it does, the NOTIFY sent in it wakes the (slow-polling) workers."""
+    await check_enqueue_in_transaction(pg_schema, "sync")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_enqueue_in_an_async_connections_transaction(pg_schema: str) -> None:
+    """The same with psycopg's AsyncConnection, which only asyncio can drive."""
+    await check_enqueue_in_transaction(pg_schema, "async")
+
+
+async def check_enqueue_in_transaction(pg_schema: str, kind: str) -> None:
+    queue = make_queue(postgres_url(pg_schema), poll_interval=60.0)
+    ran: list[int] = []
+    done = anyio.Event()
+
+    @queue.task(name="t")
+    async def t(n: int) -> None:
+        ran.append(n)
+        done.set()
+
+    async with queue:
+        await anyio.sleep(0.2)  # past the first poll: only a notification wakes the workers
+        conn = await open_app_connection(kind)
+        dropped = await queue.enqueue(t, 1, connection=conn)
+        (kept,) = await queue.enqueue_many([flexq.Call(t, 2)], connection=conn)
+        with pytest.raises(JobNotFound):
+            await queue.get(kept)  # not committed yet: invisible to everyone else
+        await finish(conn, "rollback")
+        with pytest.raises(JobNotFound):
+            await queue.get(dropped)
+        conn = await open_app_connection(kind)
+        kept = await queue.enqueue(t, 3, key="k", connection=conn)
+        with pytest.raises(DuplicateJob):
+            await queue.enqueue(t, 4, key="k", connection=conn)
+        await finish(conn, "commit")  # the duplicate left the transaction usable
+        with anyio.fail_after(10):
+            await done.wait()
+        assert (await queue.wait(kept, timeout=10)).state is State.COMPLETED
+    assert ran == [3]
+
+
+async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:
+    """Other stores refuse connection= rather than write outside the caller's transaction."""
+    queue = make_queue("memory://")
+
+    @queue.task(name="t")
+    async def t() -> None:
+        pass
+
+    async with queue:
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, connection=object())

@@ -28,7 +28,15 @@ from flexq._models import Call, JobInfo, Page, Pause, PauseScope, QueueStatistic
 from flexq._runner import Runner
 from flexq._serialize import dumps
 from flexq._states import Kind, State
-from flexq._store.base import EnqueueResult, EnqueueUnit, JobFilter, NewJob, OnDuplicate, Store
+from flexq._store.base import (
+    EnqueueResult,
+    EnqueuesInTransaction,
+    EnqueueUnit,
+    JobFilter,
+    NewJob,
+    OnDuplicate,
+    Store,
+)
 from flexq._store.url import store_from_url
 from flexq._task import Handler, Task, TaskRef, check_priority, make_task
 from flexq._throttle import LoadMonitor
@@ -399,6 +407,7 @@ class Queue:
         key: str | None = None,
         on_duplicate: OnDuplicate = "raise",
         kwargs: Mapping[str, JSON] | None = None,
+        connection: object | None = None,
     ) -> JobId:
         """Store a job durably and return its id; a worker runs it when its turn comes.
 
@@ -413,6 +422,9 @@ class Queue:
                 enqueue raises :class:`DuplicateJob` (or returns its id if ``on_duplicate`` is
                 ``"return"``).
             kwargs: keyword arguments for the handler (JSON values).
+            connection: the application's own psycopg connection (PostgreSQL store only):
+                the job is written in its transaction, so it exists if and only if that
+                transaction commits.
 
         Raises:
             UnknownTask: the task is not registered with this queue.
@@ -426,7 +438,7 @@ class Queue:
         """
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
-            key=key, on_duplicate=on_duplicate, parent_id=None,
+            key=key, on_duplicate=on_duplicate, parent_id=None, connection=connection,
         )  # fmt: skip
 
     async def enqueue_many(
@@ -438,11 +450,13 @@ class Queue:
         delay: float | None = None,
         run_at: datetime | None = None,
         on_duplicate: OnDuplicate = "raise",
+        connection: object | None = None,
     ) -> list[JobId]:
         """Enqueue many calls in one transaction: all are written, or none.
 
         Options given here apply to every call unless the call sets its own with
-        :meth:`Call.with_options`. Returns the ids in the order of ``calls``.
+        :meth:`Call.with_options`. Returns the ids in the order of ``calls``. With
+        ``connection`` (see :meth:`enqueue`) that transaction is the caller's.
         """
         self._check_open()
         _check_on_duplicate(on_duplicate)
@@ -468,7 +482,7 @@ class Queue:
                 raise InvalidArguments("two calls share a tenant and key: each key is unique")
         if not jobs:
             return []
-        return await self._submit(jobs, on_duplicate)
+        return await self._submit(jobs, on_duplicate, connection)
 
     async def _enqueue_one(
         self,
@@ -483,15 +497,27 @@ class Queue:
         key: str | None,
         on_duplicate: OnDuplicate,
         parent_id: JobId | None,
+        connection: object | None = None,
     ) -> JobId:
         self._check_open()
         _check_on_duplicate(on_duplicate)
         options = self._options(tenant, priority, delay, run_at, key, self._clock())
         job = self._new_job(self._resolve(task), args, kwargs or {}, options, parent_id)
-        (job_id,) = await self._submit([job], on_duplicate)
+        (job_id,) = await self._submit([job], on_duplicate, connection)
         return job_id
 
-    async def _submit(self, jobs: list[NewJob], on_duplicate: OnDuplicate) -> list[JobId]:
+    async def _submit(
+        self, jobs: list[NewJob], on_duplicate: OnDuplicate, connection: object | None = None
+    ) -> list[JobId]:
+        if connection is not None:
+            # Not visible before the caller commits: the store's notification wakes workers.
+            if not isinstance(self._store, EnqueuesInTransaction):
+                raise InvalidArguments(f"{self._store!r} cannot write in a connection= of yours")
+            unit = EnqueueUnit(jobs, on_duplicate)
+            result = await self._store.enqueue_in(connection, unit, self._clock())
+            if isinstance(result, DuplicateJob):
+                raise result
+            return result
         result = await self._enqueuer.submit(EnqueueUnit(jobs, on_duplicate))
         if isinstance(result, DuplicateJob):
             raise result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from flexq._errors import DuplicateJob, InvalidArguments
 from flexq._models import JobError, JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
@@ -221,6 +221,17 @@ class Store(Protocol):
         processes for work this process takes on itself. A store that cannot hear other
         processes (memory, SQLite) just waits to be cancelled: the dispatcher's poll finds
         their work.
+        """
+
+
+@runtime_checkable
+class EnqueuesInTransaction(Protocol):
+    """A store that can write jobs in a transaction of the application's own connection."""
+
+    async def enqueue_in(self, connection: object, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        """Insert the unit's jobs through ``connection``, in its current transaction.
+
+        Raises InvalidArguments for a connection of a kind the store cannot use.
         """
 
 

@@ -573,28 +573,82 @@ class PostgresStore:
 
     def _insert_keyed(self, conn: Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
         ids: list[JobId] = []
-        insert = self.sql(_INSERT) + f" ON CONFLICT {KEY_CONFLICT} DO NOTHING RETURNING id"
-        existing = self.sql(
-            "SELECT id FROM {s}.flexq_jobs WHERE tenant = %s AND key = %s"
-            f" AND state NOT IN ({_FINAL})"
-        )
         for job in unit.jobs:
-            if job.key is None:
-                self._insert(conn, [job], now)
-                ids.append(job.id)
-                continue
-            while True:
-                # Another process may insert the key, or finish its job, between the two
-                # statements: loop until one of them finds something.
-                if conn.execute(insert, _insert_params([job], now)).fetchone() is not None:
-                    ids.append(job.id)
-                    break
-                row = conn.execute(existing, (job.tenant, job.key)).fetchone()
-                if row is not None:
-                    if unit.on_duplicate == "raise":
-                        raise DuplicateJob(job.tenant, job.key, row[0])
-                    ids.append(row[0])
-                    break
+            sql, params = self._insert_or_find(job, now)
+            # None: the job that held the key ended between the insert and the lookup. Again.
+            while (row := conn.execute(sql, params).fetchone()) is None:
+                pass
+            ids.append(_inserted_or_duplicate(job, unit, row))
+        return ids
+
+    def _insert_or_find(self, job: NewJob, now: float) -> tuple[str, dict[str, Any]]:
+        """A statement that inserts the job, or finds the unfinished job holding its key.
+
+        It returns (id, inserted) or, rarely, nothing: when another transaction holds the key
+        and ends the job before this statement looks it up (its snapshot predates the end).
+        """
+        sql = self.sql(
+            f"WITH inserted AS ({_INSERT} ON CONFLICT {KEY_CONFLICT} DO NOTHING RETURNING id)"
+            " SELECT id, true FROM inserted UNION ALL"
+            " SELECT id, false FROM {s}.flexq_jobs WHERE tenant = %(one_tenant)s"
+            f" AND key = %(one_key)s AND state NOT IN ({_FINAL})"
+            " AND NOT EXISTS (SELECT FROM inserted)"
+        )
+        params = _insert_params([job], now)
+        params.update(one_tenant=job.tenant, one_key=job.key)
+        return sql, params
+
+    # -- transactional enqueue --------------------------------------------------------------
+
+    async def enqueue_in(self, connection: object, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        """Insert the unit's jobs in the current transaction of the application's ``connection``.
+
+        A :class:`psycopg.AsyncConnection` is used on this event loop (asyncio); a
+        :class:`psycopg.Connection` on a worker thread (asyncio or trio). The jobs, and the
+        NOTIFY that wakes the workers, take effect when the caller commits; a DuplicateJob
+        leaves the caller's transaction usable (its savepoint is rolled back).
+        """
+        try:
+            if isinstance(connection, psycopg.AsyncConnection):
+                if _idle(connection):
+                    await connection.execute(_BEGIN_IMPLICITLY)
+                return await self._enqueue_in_async(connection, unit, now)
+            if isinstance(connection, psycopg.Connection):
+                return await anyio.to_thread.run_sync(self._enqueue_in_sync, connection, unit, now)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
+        raise InvalidArguments(
+            f"connection must be a psycopg Connection or AsyncConnection, not {connection!r}"
+        )
+
+    def _enqueue_in_sync(self, conn: Connection, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        if _idle(conn):
+            conn.execute(_BEGIN_IMPLICITLY)
+        (result,) = self._enqueue(conn, [unit], now, True)
+        return result
+
+    async def _enqueue_in_async(
+        self, conn: psycopg.AsyncConnection[Any], unit: EnqueueUnit, now: float
+    ) -> EnqueueResult:
+        tenants = {job.tenant for job in unit.jobs if job.run_at <= now}
+        later = min((job.run_at for job in unit.jobs if job.run_at > now), default=None)
+        notify = ("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, later)))
+        if all(job.key is None for job in unit.jobs):
+            async with conn.transaction():
+                await conn.execute(self.sql(_INSERT), _insert_params(unit.jobs, now))
+                await conn.execute(*notify)
+            return [job.id for job in unit.jobs]
+        ids: list[JobId] = []
+        try:
+            async with conn.transaction():
+                for job in unit.jobs:
+                    sql, params = self._insert_or_find(job, now)
+                    while (row := await (await conn.execute(sql, params)).fetchone()) is None:
+                        pass
+                    ids.append(_inserted_or_duplicate(job, unit, row))
+                await conn.execute(*notify)
+        except DuplicateJob as duplicate:
+            return duplicate
         return ids
 
     # -- dispatching ------------------------------------------------------------------------
@@ -892,6 +946,27 @@ class _Listener:
                 for note in conn.notifies(timeout=0.0):
                     if note.pid not in store._pool.backend_pids:
                         self._post(*_parse_payload(note.payload))
+
+
+_BEGIN_IMPLICITLY = "SELECT 'flexq joins the transaction'"
+"""Run on a connection that is not in autocommit mode and not in a transaction, any statement
+begins one (psycopg sends BEGIN first): the jobs then join it, and psycopg's transaction
+blocks inside it are savepoints, not transactions of their own that commit at once."""
+
+
+def _idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the application's connection would commit our writes on its own at once if we
+    used a transaction block now (it is not in autocommit mode, and no transaction is open)."""
+    status = conn.info.transaction_status
+    return not conn.autocommit and status == psycopg.pq.TransactionStatus.IDLE
+
+
+def _inserted_or_duplicate(job: NewJob, unit: EnqueueUnit, row: tuple[Any, ...]) -> JobId:
+    """The id a keyed insert gave: the job's, or the holder's (or raise DuplicateJob)."""
+    job_id, inserted = row
+    if not inserted and unit.on_duplicate == "raise":
+        raise DuplicateJob(job.tenant, job.key or "", job_id)
+    return job_id  # type: ignore[no-any-return]
 
 
 def _dropped(conn: Connection) -> bool:
