@@ -540,7 +540,7 @@ class PostgresSizes:
 
 
 POSTGRES_DEFAULT = PostgresSizes(
-    run_jobs=20_000,
+    run_jobs=50_000,
     workers=(64, 128),
     processes=3,
     enqueue_jobs=20_000,
