@@ -2,10 +2,10 @@
 
 Why blocking psycopg connections on threads, under asyncio too: psycopg's async API needs
 asyncio, so under trio the store must run the sync API on threads anyway. Running that same
-code under asyncio keeps ONE SQL module and one behaviour for both loops, and it is not slower:
-every store call is one complete transaction that runs on a connection's thread in a single
-hop from the event loop (most are a single statement in autocommit mode, so one network round
-trip), where the async API would cost a hop per statement. The store keeps ``connections``
+code under asyncio keeps ONE SQL module and one behaviour for both loops. It costs one hop
+between threads per store call, not per statement: every call is one complete transaction
+that runs on a connection's thread (most are a single statement in autocommit mode, so one
+network round trip). The store keeps ``connections``
 threads, each with its own connection, that take calls off one shared queue, so independent
 transactions (an enqueue, a claim, a report) run at the same time. A caller that is cancelled
 waits for its transaction to end: a transaction is never left half done. Handlers never run on
