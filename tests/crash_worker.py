@@ -3,10 +3,10 @@
 Usage: ``python crash_worker.py DB RUNS BACKEND [--workers N] [--lease S]``.
 
 It opens a :class:`flexq.Queue` on the SQLite file ``DB`` (or the store URL ``DB``, such as
-``postgresql://...``) with a short lease, registers the
-tasks of :func:`register_tasks`, appends ``ready <pid>`` to the file ``RUNS`` and works until it
-is killed. Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``, one
-``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
+``postgresql://...``) with a short lease, registers the tasks of :func:`register_tasks`,
+appends ``ready <pid>`` to the file ``RUNS`` and works until it is killed (SIGTERM stops it
+gracefully). Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``,
+one ``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
 interleave and the tests can count how often each job ran, and where.
 """
 
@@ -72,9 +72,11 @@ async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
         backoff=flexq.Backoff(base=0.01, maximum=0.05, jitter=0.0),
     )
     register_tasks(queue, runs)
-    async with queue:
-        runs.write("ready", os.getpid())
-        await anyio.sleep_forever()
+    with anyio.open_signal_receiver(signal.SIGTERM) as stop_signals:
+        async with queue:
+            runs.write("ready", os.getpid())
+            async for _ in stop_signals:  # SIGTERM: leave `async with queue`, gracefully
+                break
 
 
 def main(argv: Sequence[str]) -> None:

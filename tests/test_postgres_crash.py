@@ -6,6 +6,7 @@ instead of a SQLite file; the test process only enqueues and queries.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import random
@@ -125,3 +126,36 @@ async def test_random_sigkills_of_three_workers_lose_no_job(pg_workers: Postgres
         assert info.result == n
         assert info.attempts == 1 + len(info.errors), info
         assert {error.type for error in info.errors} <= {"flexq.LeaseExpired"}
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: PostgresWorkers) -> None:
+    """A worker process told to stop (SIGTERM) while busy finishes its running jobs within the
+    grace period and exits; the other process runs the rest. No job runs twice, none is left
+    running, and no attempt is counted for the jobs handed back."""
+    total, workers = 60, 4
+    async with producer(pg_workers.url) as (queue, tasks):
+        first = await pg_workers.start_ready(workers=workers)
+        second = await pg_workers.start_ready(workers=workers)
+        ids = await queue.enqueue_many([Call(tasks["work"], n, 0.3) for n in range(total)])
+
+        async def busy() -> bool:
+            runs = await read_runs(pg_workers.runs)
+            started = [n for n, pids in runs.pids_by_job.items() if first.pid in pids]
+            return len(started) >= workers
+
+        await until(busy, 15, "the first worker to be busy")
+        first.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):  # the Queue's grace period, with jobs of 0.3 s
+            await first.wait()
+        assert first.returncode == 0, "the worker did not stop gracefully"
+        await until(lambda: all_final(queue, total), 30, "every job to be final")
+        pg_workers.check_alive(second)
+        jobs = await all_jobs(queue)
+        runs = await read_runs(pg_workers.runs)
+
+    assert sorted(info.id for info in jobs.values()) == sorted(ids)
+    assert {(info.state, info.attempts) for info in jobs.values()} == {(State.COMPLETED, 1)}
+    assert runs.starts == collections.Counter(range(total)), "a job ran twice, or never"
+    assert runs.dones == runs.starts, "a job was cut off mid-run"
+    assert runs.working_pids == {first.pid, second.pid}
