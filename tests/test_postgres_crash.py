@@ -1,7 +1,8 @@
-"""Crash safety on PostgreSQL: worker processes SIGKILLed at random while they share a database.
+"""Crash safety on PostgreSQL (and SQLite): worker processes SIGKILLed at random, or told to
+stop, while they share a database.
 
-The same children as ``test_crash.py`` (``tests/crash_worker.py``), given a PostgreSQL URL
-instead of a SQLite file; the test process only enqueues and queries.
+The same children as ``test_crash.py`` (``tests/crash_worker.py``), given a store URL; the test
+process only enqueues and queries.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 TENANTS = 5
 
 
-class PostgresWorkers(WorkerProcesses):
-    """Worker processes on one PostgreSQL schema."""
+class UrlWorkers(WorkerProcesses):
+    """Worker processes on one store URL."""
 
     def __init__(self, directory: Path, backend: str, url: str) -> None:
         super().__init__(directory, backend)
@@ -59,12 +60,28 @@ class PostgresWorkers(WorkerProcesses):
         return process
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+async def store_workers(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
+) -> AsyncIterator[UrlWorkers]:
+    """Worker processes on a PostgreSQL schema, or on a SQLite file, of the test's own."""
+    if request.param == "postgres":
+        url = postgres_url(request.getfixturevalue("pg_schema"))
+    else:
+        url = f"sqlite:///{tmp_path / 'flexq.db'}"
+    processes = UrlWorkers(tmp_path, anyio_backend[0], url)
+    try:
+        yield processes
+    finally:
+        await processes.close()
+
+
 @pytest.fixture
 async def pg_workers(
     tmp_path: Path, pg_schema: str, anyio_backend: tuple[str, dict[str, Any]]
-) -> AsyncIterator[PostgresWorkers]:
+) -> AsyncIterator[UrlWorkers]:
     """Worker processes on the test's schema, on the test's kind of event loop."""
-    processes = PostgresWorkers(tmp_path, anyio_backend[0], postgres_url(pg_schema))
+    processes = UrlWorkers(tmp_path, anyio_backend[0], postgres_url(pg_schema))
     try:
         yield processes
     finally:
@@ -84,34 +101,35 @@ async def producer(url: str) -> AsyncIterator[tuple[flexq.Queue, dict[str, flexq
 
 
 @pytest.mark.slow
-async def test_random_sigkills_of_three_workers_lose_no_job(pg_workers: PostgresWorkers) -> None:
-    """3 worker processes share 10,000 jobs of 5 tenants; every second one of them is SIGKILLed
-    and a new one started. Every job ends COMPLETED, none is lost, and only jobs that a killed
-    process held ran more than once."""
-    total, workers, processes = 10_000, 8, 3
+async def test_random_sigkills_of_workers_lose_no_job(store_workers: UrlWorkers) -> None:
+    """3 worker processes on PostgreSQL (2 on SQLite) share 10,000 jobs of 5 tenants; every
+    second one of them is SIGKILLed and a new one started. Every job ends COMPLETED, none is
+    lost, and only jobs that a killed process held ran more than once."""
+    total, workers = 10_000, 8
+    processes = 3 if store_workers.url.startswith("postgresql") else 2
     rng = random.Random(6)
-    async with producer(pg_workers.url) as (queue, tasks):
+    async with producer(store_workers.url) as (queue, tasks):
         calls = [
             Call(tasks["work"], n, 0.002 + (n % 5) / 1000).with_options(tenant=f"t{n % TENANTS}")
             for n in range(total)
         ]
         ids = await queue.enqueue_many(calls)
-        alive = [await pg_workers.start(workers=workers) for _ in range(processes)]
+        alive = [await store_workers.start(workers=workers) for _ in range(processes)]
         kills = 0
         with anyio.fail_after(90):
             while not await all_final(queue, total):
                 await anyio.sleep(1.0)
                 for process in alive:
-                    pg_workers.check_alive(process)
+                    store_workers.check_alive(process)
                 if kills < 8:
                     victim = alive.pop(rng.randrange(len(alive)))
-                    await pg_workers.kill(victim)
+                    await store_workers.kill(victim)
                     assert victim.returncode == -signal.SIGKILL
                     kills += 1
-                    alive.append(await pg_workers.start(workers=workers))
+                    alive.append(await store_workers.start(workers=workers))
         await until(lambda: all_final(queue, total), 30, "every job to be final")
         jobs = await all_jobs(queue)
-        runs = await read_runs(pg_workers.runs)
+        runs = await read_runs(store_workers.runs)
 
     assert kills >= 3, "the jobs ran out before enough kills: make them longer"
     assert any(info.errors for info in jobs.values()), "no kill interrupted a job"
@@ -129,7 +147,7 @@ async def test_random_sigkills_of_three_workers_lose_no_job(pg_workers: Postgres
 
 
 @pytest.mark.slow
-async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: PostgresWorkers) -> None:
+async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: UrlWorkers) -> None:
     """A worker process told to stop (SIGTERM) while busy finishes its running jobs within the
     grace period and exits; the other process runs the rest. No job runs twice, none is left
     running, and no attempt is counted for the jobs handed back."""
