@@ -24,7 +24,16 @@ from flexq import Call, State
 
 from .conftest import postgres_url
 from .crash_worker import RunLog, register_tasks
-from .test_crash import WORKER_SCRIPT, WorkerProcesses, all_final, all_jobs, read_runs, until
+from .test_crash import (
+    MAX_LEASE_EXPIRIES,
+    WORKER_SCRIPT,
+    WorkerProcesses,
+    all_final,
+    all_jobs,
+    read_runs,
+    until,
+    work_calls,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -177,3 +186,35 @@ async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: UrlWorke
     assert runs.starts == collections.Counter(range(total)), "a job ran twice, or never"
     assert runs.dones == runs.starts, "a job was cut off mid-run"
     assert runs.working_pids == {first.pid, second.pid}
+
+
+@pytest.mark.slow
+async def test_poison_pill_is_not_rescued_forever(pg_workers: UrlWorkers) -> None:
+    """A job that kills its worker process each time ends FAILED (flexq.LeaseExpired) after
+    max_lease_expiries deaths on PostgreSQL too, while the jobs enqueued after it complete."""
+    others = 20
+    async with producer(pg_workers.url) as (queue, tasks):
+        poison_id = await queue.enqueue(tasks["poison"], 0)
+        await queue.enqueue_many(work_calls(tasks["work"], others, start=1))
+        process = await pg_workers.start(workers=1)
+        deaths = 0
+
+        async def done_or_dead() -> bool:
+            return process.returncode is not None or await all_final(queue, others + 1)
+
+        with anyio.fail_after(30):
+            while True:
+                await until(done_or_dead, 20, "a worker to die or every job to be final")
+                if process.returncode is None:
+                    break
+                assert process.returncode == -signal.SIGKILL
+                deaths += 1
+                assert deaths <= MAX_LEASE_EXPIRIES, "the poison ran after it should have failed"
+                process = await pg_workers.start(workers=1)
+        poison = await queue.get(poison_id)
+        jobs = await all_jobs(queue)
+
+    assert deaths == MAX_LEASE_EXPIRIES
+    assert (poison.state, poison.attempts) == (State.FAILED, MAX_LEASE_EXPIRIES)
+    assert [e.type for e in poison.errors] == ["flexq.LeaseExpired"] * MAX_LEASE_EXPIRIES
+    assert {info.state for n, info in jobs.items() if n != 0} == {State.COMPLETED}
