@@ -391,6 +391,7 @@ class _Connections:
                 call.notify()
         finally:
             if conn is not None:
+                self.backend_pids.discard(conn.info.backend_pid)
                 conn.close()
 
 
