@@ -218,3 +218,36 @@ async def test_poison_pill_is_not_rescued_forever(pg_workers: UrlWorkers) -> Non
     assert (poison.state, poison.attempts) == (State.FAILED, MAX_LEASE_EXPIRIES)
     assert [e.type for e in poison.errors] == ["flexq.LeaseExpired"] * MAX_LEASE_EXPIRIES
     assert {info.state for n, info in jobs.items() if n != 0} == {State.COMPLETED}
+
+
+@pytest.mark.slow
+async def test_tenants_share_workers_fairly_across_processes(pg_workers: UrlWorkers) -> None:
+    """Two running worker processes, a tenant that floods the queue with 2,000 jobs, then a
+    tenant with 20: the small tenant's jobs are done soon after they arrive, long before the
+    flood is, because every process shares its workers between the tenants it hears of."""
+    flood, small = 2_000, 20
+    async with producer(pg_workers.url) as (queue, tasks):
+        first = await pg_workers.start_ready(workers=4)
+        second = await pg_workers.start_ready(workers=4)
+        await queue.enqueue_many(
+            [Call(tasks["work"], n, 0.005).with_options(tenant="flood") for n in range(flood)]
+        )
+        await anyio.sleep(0.3)  # the flood is under way in both processes
+        await queue.enqueue_many(
+            [Call(tasks["work"], n, 0.005) for n in range(flood, flood + small)],
+            tenant="small",
+        )
+        await until(lambda: all_final(queue, flood + small), 60, "every job to be final")
+        pg_workers.check_alive(first)
+        pg_workers.check_alive(second)
+        lines = (await anyio.Path(pg_workers.runs).read_text()).splitlines()
+
+    done = [int(line.split()[1]) for line in lines if line.startswith("done ")]
+    assert sorted(done) == list(range(flood + small))
+    last_small = max(i for i, n in enumerate(done) if n >= flood)
+    flood_before = sum(1 for n in done[:last_small] if n < flood)
+    # A fair share gives the small tenant half the workers: its 20 jobs end within about 40
+    # jobs of its arrival. Without sharing they would wait for the whole flood.
+    assert flood_before < flood / 2, f"{flood_before} flood jobs ran before the small tenant's"
+    first_small = min(i for i, n in enumerate(done) if n >= flood)
+    assert last_small - first_small < 10 * small, "the small tenant's jobs were spread out"
