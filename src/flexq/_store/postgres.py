@@ -1,0 +1,1110 @@
+"""The PostgreSQL store: many processes on many hosts share one database.
+
+Why blocking psycopg connections on threads, under asyncio too: psycopg's async API needs
+asyncio, so under trio the store must run the sync API on threads anyway. Running that same
+code under asyncio keeps ONE SQL module and one behaviour for both loops. It costs one hop
+between threads per store call, not per statement: every call is one complete transaction
+that runs on a connection's thread (most are a single statement in autocommit mode, so one
+network round trip). The store keeps ``connections``
+threads, each with its own connection, that take calls off one shared queue, so independent
+transactions (an enqueue, a claim, a report) run at the same time. A caller that is cancelled
+waits for its transaction to end: a transaction is never left half done. Handlers never run on
+these threads; they only run SQL.
+
+Claims lock rows with ``FOR UPDATE SKIP LOCKED``: processes never wait for each other's claims
+and never claim the same job. Each claim reads the best jobs of each (tenant, task) pair off a
+partial index of the QUEUED rows, so it costs the same with a million waiting jobs as with a
+thousand.
+
+Wake-ups: an enqueue that makes work ready sends a NOTIFY in its own transaction (delivered
+when it commits). :meth:`PostgresStore.listen` keeps a LISTEN connection on a thread of its
+own and wakes the dispatcher of this process when *another* process's transaction notifies;
+this process's own enqueues wake its dispatcher in-process, without a round trip. The
+dispatcher's slow poll stays as a fallback for lost notifications (a dropped LISTEN connection
+is reopened with backoff, and its reopening triggers a poll).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import select
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import psycopg
+import structlog
+
+from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, StoreError
+from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
+from flexq._serialize import dumps
+from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
+from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
+from flexq._store._thread import _Call, _threadsafe
+from flexq._store.base import (
+    ClaimedJob,
+    EnqueueResult,
+    EnqueueUnit,
+    JobFilter,
+    NewJob,
+    Outcome,
+    Recovered,
+    checked_outcomes,
+    job_info,
+    lease_error,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Mapping, Sequence
+
+T = TypeVar("T")
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+log = structlog.get_logger("flexq")
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
+_RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
+MAX_PAYLOAD = 7900
+"""NOTIFY payloads must stay under 8000 bytes; a longer list of tenants becomes a poll."""
+
+READ_ATTEMPTS = 3
+"""How often a read is tried when the server drops its connection (writes are tried once: their
+callers decide what to do about a transaction that may or may not have committed)."""
+
+_INFO_COLUMNS = (
+    "seq, id, task, kind, tenant, priority, state, args, kwargs, attempts, max_attempts, "
+    "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
+    "abort_requested"
+)
+ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
+"""Evaluated by a statement, lets its transaction commit without waiting for the disk.
+
+Claims, lease renewals and promotions use it: if the server crashes before their WAL reaches
+the disk (a fraction of a second later), they are undone, and undoing them is safe (the job is
+QUEUED again, or SCHEDULED, or its lease a few seconds shorter). An outcome written later is
+flushed with all the WAL before it, claim included. Enqueues and outcomes wait for the disk."""
+
+_CLAIMED_COLUMNS = (
+    "j.id, j.task, j.kind, j.tenant, j.priority, j.args, j.kwargs, j.attempts, j.max_attempts,"
+    f" j.timeout, j.parent_id, j.kind_rank, j.seq, {ASYNC_COMMIT}"
+)
+_TAKE = (
+    "state = 'PROCESSING', attempts = j.attempts + 1, started_at = %(now)s,"
+    " lease_owner = %(owner)s, lease_until = %(lease_until)s"
+)
+_RUNNABLE = """
+pauses AS MATERIALIZED (SELECT scope, name FROM {s}.flexq_pauses),
+runnable AS (
+    SELECT task FROM unnest(%(tasks)s::text[]) AS r(task)
+    WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE scope = 'queue')
+        AND task NOT IN (SELECT name FROM pauses WHERE scope = 'task')
+)"""
+
+_INSERT = """
+INSERT INTO {s}.flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, args, kwargs,
+    max_attempts, timeout, created_at, run_at, parent_id, key)
+SELECT id, task, kind, kind_rank, tenant, priority, state, args, kwargs, max_attempts, timeout,
+    %(now)s, run_at, parent_id, key
+FROM unnest(%(id)s::text[], %(task)s::text[], %(kind)s::text[], %(kind_rank)s::int[],
+    %(tenant)s::text[], %(priority)s::int[], %(state)s::text[], %(args)s::text[],
+    %(kwargs)s::text[], %(max_attempts)s::int[], %(timeout)s::float8[], %(run_at)s::float8[],
+    %(parent_id)s::text[], %(key)s::text[])
+    AS v(id, task, kind, kind_rank, tenant, priority, state, args, kwargs, max_attempts, timeout,
+         run_at, parent_id, key)"""
+
+_INSERT_ONE = """
+INSERT INTO {s}.flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, args, kwargs,
+    max_attempts, timeout, created_at, run_at, parent_id, key)
+VALUES (%(id)s, %(task)s, %(kind)s, %(kind_rank)s, %(tenant)s, %(priority)s, %(state)s,
+    %(args)s, %(kwargs)s, %(max_attempts)s, %(timeout)s, %(now)s, %(run_at)s, %(parent_id)s,
+    %(key)s)"""
+"""One job: cheaper for the server than unnesting arrays of one element (an idle queue's
+enqueue is a round trip of its latency)."""
+
+CLAIM = (
+    "WITH"
+    + _RUNNABLE
+    + """,
+wanted AS (
+    SELECT tenant, n FROM unnest(%(tenants)s::text[], %(counts)s::int[]) AS w(tenant, n)
+    WHERE tenant NOT IN (SELECT name FROM pauses WHERE scope = 'tenant')
+),
+candidates AS (
+    SELECT w.tenant, w.n, c.seq, c.priority, c.kind_rank
+    FROM wanted AS w CROSS JOIN runnable AS r CROSS JOIN LATERAL (
+        SELECT seq, priority, kind_rank FROM {s}.flexq_jobs
+        WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = w.tenant AND task = r.task
+        ORDER BY priority DESC, kind_rank, seq
+        LIMIT w.n
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+),
+chosen AS (
+    SELECT seq FROM (
+        SELECT seq, n, row_number() OVER (
+            PARTITION BY tenant ORDER BY priority DESC, kind_rank, seq) AS rank
+        FROM candidates
+    ) AS ranked
+    WHERE rank <= n
+)
+UPDATE {s}.flexq_jobs AS j SET """
+    + _TAKE
+    + """
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
+RETURNING """
+    + _CLAIMED_COLUMNS
+)
+"""Claims for every tenant at once: the best ``n`` of each (tenant, runnable task) pair, read
+off ``flexq_jobs_ready`` and locked (skipping rows other claims hold), then the best ``n`` of
+each tenant among those.
+
+Here and below, updates find their rows with ``= ANY (array)``: joined to a CTE or a VALUES
+list instead, the planner may guess many rows and hash the whole table."""
+
+READY_TENANTS = """
+WITH RECURSIVE ready(tenant) AS (
+    (SELECT tenant FROM {s}.flexq_jobs
+     WHERE state = 'QUEUED' AND lease_expiries = 0
+     ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM {s}.flexq_jobs
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+            ORDER BY tenant LIMIT 1)
+    FROM ready WHERE ready.tenant IS NOT NULL
+)
+SELECT tenant FROM ready
+WHERE tenant IS NOT NULL AND EXISTS (
+    SELECT 1 FROM {s}.flexq_jobs
+    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ready.tenant
+        AND task = ANY(%(tasks)s::text[])
+)
+ORDER BY tenant"""
+"""A loose index scan over ``flexq_jobs_ready``: one probe per tenant with QUEUED jobs, and one
+per such tenant and task asked for. There is no second index over (task, tenant), as the
+SQLite store has: without statistics (a new table) PostgreSQL's planner would claim through it
+and sort a tenant's whole backlog."""
+
+_SUSPECT = """
+SELECT seq FROM {s}.flexq_jobs
+WHERE state = 'QUEUED' AND lease_expiries > 0 AND task IN (SELECT task FROM runnable)
+    AND tenant NOT IN (SELECT name FROM pauses WHERE scope = 'tenant')
+ORDER BY seq
+LIMIT 1"""
+
+HAS_SUSPECTS = "WITH" + _RUNNABLE + "\nSELECT EXISTS (" + _SUSPECT + ")"
+
+CLAIM_SUSPECT = (
+    "WITH"
+    + _RUNNABLE
+    + ",\nsuspect AS ("
+    + _SUSPECT
+    + "\nFOR UPDATE SKIP LOCKED)\nUPDATE {s}.flexq_jobs AS j SET "
+    + _TAKE
+    + "\nWHERE j.seq = (SELECT seq FROM suspect)\nRETURNING "
+    + _CLAIMED_COLUMNS
+)
+
+PROMOTE = (
+    """
+WITH due AS (
+    SELECT seq FROM {s}.flexq_jobs
+    WHERE state = 'SCHEDULED' AND run_at <= %(now)s
+    ORDER BY run_at
+    LIMIT 5000
+    FOR UPDATE SKIP LOCKED
+),
+promoted AS (
+    UPDATE {s}.flexq_jobs AS j SET state = 'QUEUED'
+    WHERE j.seq = ANY (ARRAY(SELECT seq FROM due))
+    RETURNING j.tenant
+)
+SELECT
+    ARRAY(SELECT DISTINCT tenant FROM promoted ORDER BY tenant),
+    (SELECT run_at FROM {s}.flexq_jobs
+     WHERE state = 'SCHEDULED' AND seq NOT IN (SELECT seq FROM due)
+     ORDER BY run_at LIMIT 1),
+    """
+    + ASYNC_COMMIT
+)
+"""Due jobs to QUEUED, and the earliest run_at of those still waiting (the statement sees the
+table as it was before its own update, so the promoted rows are left out by hand)."""
+
+_APPEND_ERROR = (
+    "CASE WHEN v.error IS NULL THEN j.errors WHEN j.errors IS NULL THEN '[' || v.error || ']'"
+    " ELSE left(j.errors, -1) || ',' || v.error || ']' END"
+)
+
+_BY_ID = """
+held AS MATERIALIZED (
+    SELECT found.seq, v.* FROM v CROSS JOIN LATERAL (
+        SELECT seq FROM {s}.flexq_jobs WHERE id = v.id{guard}
+    ) AS found
+)"""
+
+REPORT = f"""
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(id)s::text[], %(state)s::text[], %(result)s::text[],
+        %(error)s::text[], %(run_at)s::float8[], %(release)s::bool[], %(retry)s::bool[],
+        %(final)s::bool[]) AS v(id, state, result, error, run_at, release, retry, final)
+),{_BY_ID.format(s="{s}", guard=" AND lease_owner = %(owner)s")}
+UPDATE {{s}}.flexq_jobs AS j SET
+    attempts = j.attempts - CASE WHEN v.release THEN 1 ELSE 0 END,
+    state = CASE WHEN NOT v.release THEN v.state
+                 WHEN j.abort_requested THEN 'ABORTED' ELSE 'QUEUED' END,
+    run_at = CASE WHEN v.retry THEN v.run_at ELSE j.run_at END,
+    result = CASE WHEN v.final THEN v.result ELSE j.result END,
+    finished_at = CASE WHEN v.final OR (v.release AND j.abort_requested) THEN %(now)s END,
+    errors = {_APPEND_ERROR},
+    lease_owner = NULL,
+    lease_until = NULL
+FROM held AS v
+WHERE j.seq = v.seq AND j.lease_owner = %(owner)s
+RETURNING j.id, j.state, j.tenant"""
+"""Every outcome of a report in one statement: each row of ``v`` is one job's outcome.
+
+The jobs are found one id at a time (``held``), each through the unique index of ids, and
+the update then takes them by ``seq`` from a CTE the planner believes small, so it probes the
+primary key once per job. Joined to the outcomes as it liked, the planner (with a generic
+plan, which thinks every array has 10 elements) compared every outcome with every job, or
+went through the index of running jobs, which is full of dead entries of the jobs run since
+the last vacuum: a report of 5,000 outcomes took seconds. Only running jobs have a
+``lease_owner`` (every move out of a running state clears it), so the owner alone guards the
+update, and is checked again on the locked row."""
+
+RENEW = f"""
+WITH held AS (
+    SELECT seq FROM {{s}}.flexq_jobs
+    WHERE state IN ({_RUNNING}) AND lease_owner = %(owner)s
+    ORDER BY lease_until
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
+RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
+"""Rows locked by a report in flight are skipped: they are being released, and locking them in
+another order than the report could deadlock. The order by ``lease_until`` makes it a plain
+scan of the index of running jobs, which marks the dead entries it meets (a bitmap scan
+would read them all again at every renewal until the next vacuum)."""
+
+EXPIRED = f"""
+SELECT id, attempts, lease_expiries, abort_requested FROM {{s}}.flexq_jobs
+WHERE state IN ({_RUNNING}) AND lease_until < %(now)s
+ORDER BY lease_until
+FOR UPDATE SKIP LOCKED"""
+
+RECOVER = f"""
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(id)s::text[], %(state)s::text[], %(error)s::text[],
+        %(finished_at)s::float8[]) AS v(id, state, error, finished_at)
+),{_BY_ID.format(s="{s}", guard="")}
+UPDATE {{s}}.flexq_jobs AS j SET
+    state = v.state,
+    errors = {_APPEND_ERROR},
+    lease_owner = NULL,
+    lease_until = NULL,
+    lease_expiries = j.lease_expiries + 1,
+    finished_at = v.finished_at
+FROM held AS v
+WHERE j.seq = v.seq"""
+
+PRUNE = f"""
+DELETE FROM {{s}}.flexq_jobs WHERE seq IN (
+    SELECT seq FROM {{s}}.flexq_jobs
+    WHERE finished_at < %(before)s AND state IN ({_FINAL})
+    ORDER BY finished_at, seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)"""
+
+
+def check_schema(schema: str) -> str:
+    """The schema name, if it is a plain lower-case identifier (else InvalidArguments)."""
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        raise InvalidArguments(
+            f"schema must be a lower-case identifier of at most 63 characters"
+            f" ([a-z_][a-z0-9_]*), not {schema!r}"
+        )
+    return schema
+
+
+class _Connections:
+    """Blocking connections, each on a thread of its own, taking calls off one queue.
+
+    A call is ``fn(connection, *args)``. A thread connects on its first call, and again before
+    a call if its idle connection was closed by the server (a restart, ``pg_terminate_backend``)
+    or after a call broke it: the database going away fails the calls made while it is away
+    (StoreError, which every caller retries) and no more.
+    """
+
+    def __init__(self, name: str, size: int, connect: Callable[[], Connection]) -> None:
+        self._name = name
+        self._size = size
+        self._connect = connect
+        self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self.backend_pids: set[int] = set()
+        """The server processes of these connections: their notifications are our own."""
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads)
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{self._name}-{i}", daemon=True)
+            for i in range(self._size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    async def stop(self) -> None:
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._calls.put(None)
+        for thread in threads:
+            await anyio.to_thread.run_sync(thread.join)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        call = _Call(fn, args)
+        self._calls.put(call)
+        with anyio.CancelScope(shield=True):
+            await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]
+
+    def _serve(self) -> None:
+        conn: Connection | None = None
+        try:
+            while (call := self._calls.get()) is not None:
+                try:
+                    if conn is not None and _dropped(conn):
+                        self.backend_pids.discard(conn.info.backend_pid)
+                        conn.close()
+                        conn = None
+                    if conn is None:
+                        conn = self._connect()
+                        self.backend_pids.add(conn.info.backend_pid)
+                    call.result = call.fn(conn, *call.args)
+                except BaseException as exc:
+                    call.error = exc
+                    if conn is not None and (conn.broken or conn.closed):
+                        self.backend_pids.discard(conn.info.backend_pid)
+                        conn.close()
+                        conn = None
+                call.notify()
+        finally:
+            if conn is not None:
+                self.backend_pids.discard(conn.info.backend_pid)
+                conn.close()
+
+
+class PostgresStore:
+    """Jobs in a PostgreSQL database, in tables of their own schema.
+
+    Args:
+        dsn: a libpq connection string or ``postgresql://`` URL.
+        schema: the schema that holds flexq's tables (created if missing).
+        connections: how many connections (each on a thread of its own) run transactions at
+            once; one more connection listens for notifications while workers run.
+        connect_timeout: seconds to wait for a connection.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "flexq",
+        connections: int = 4,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
+            raise InvalidArguments(f"connections must be an int >= 1, not {connections!r}")
+        self.dsn = dsn
+        self.schema = check_schema(schema)
+        self.channel = f"flexq_{schema}"
+        self.connect_timeout = connect_timeout
+        self._sql: dict[str, str] = {}
+        self._free_workers: Callable[[], int] | None = None
+        self._pool = _Connections(f"flexq-postgres:{schema}", connections, self._connect)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self.schema!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _connect(self) -> Connection:
+        return psycopg.connect(
+            self.dsn,
+            autocommit=True,
+            connect_timeout=max(1, round(self.connect_timeout)),
+            application_name="flexq",
+            # Every statement is prepared at once and planned once: they all bind arrays and
+            # values whose plans do not depend on them (the partial indexes say how to run them).
+            prepare_threshold=0,
+            options="-c plan_cache_mode=force_generic_plan",
+        )
+
+    def sql(self, template: str) -> str:
+        """A statement of this module with this store's schema filled in."""
+        text = self._sql.get(template)
+        if text is None:
+            text = self._sql[template] = template.replace("{s}", f'"{self.schema}"')
+        return text
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._pool.running:
+            raise FlexqError("the PostgreSQL store is not open")
+        try:
+            return await self._pool.run(fn, *args)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
+
+    async def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
+        """Rows of a statement that changes nothing: safe to run again on a fresh connection
+        when the server dropped the one it ran on."""
+        for _ in range(READ_ATTEMPTS - 1):
+            try:
+                return await self._run(self._select, sql, params)
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise
+        return await self._run(self._select, sql, params)
+
+    def _notify(
+        self, conn: Connection, tenants: Collection[str] | None, run_at: float | None
+    ) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, run_at)))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool.running:
+            return
+        self._pool.start()
+        try:
+            await self._run(self._migrate)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._pool.stop()
+            raise
+
+    def _migrate(self, conn: Connection) -> None:
+        schema = f'"{self.schema}"'
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                         (f"flexq.migrate.{self.schema}",))  # fmt: skip
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {schema}.flexq_migrations (version integer PRIMARY"
+                " KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            row = conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {schema}.flexq_migrations"
+            ).fetchone()
+            current = row[0] if row else 0
+            if current > SCHEMA_VERSION:
+                raise FlexqError(
+                    f"schema {self.schema!r} has flexq schema version {current}, newer than this"
+                    f" flexq understands ({SCHEMA_VERSION}): upgrade flexq"
+                )
+            for migration in MIGRATIONS:
+                if migration.version <= current:
+                    continue
+                for statement in statements(migration, schema):
+                    conn.execute(statement)
+                conn.execute(
+                    f"INSERT INTO {schema}.flexq_migrations (version, description) VALUES (%s, %s)",
+                    (migration.version, migration.description),
+                )
+
+    async def close(self) -> None:
+        await self._pool.stop()
+
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
+        """Until cancelled, call ``wake(tenants, run_at)`` when another process made work ready.
+
+        ``tenants`` is None when the notification could not say whose work it is (too many
+        tenants, jobs returned after a crash, a resumed pause, or a reconnection after which
+        notifications may have been missed): the caller should then look at the store.
+
+        Meanwhile this store's enqueues and retries notify other processes only when they
+        make more jobs ready than ``free_workers()``: a process that takes on its own work
+        wakes nobody else (who would only race it for the same jobs).
+        """
+        listener = _Listener(self, wake)
+        thread = threading.Thread(
+            target=listener.serve, name=f"flexq-postgres-listen:{self.schema}", daemon=True
+        )
+        thread.start()
+        self._free_workers = free_workers
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self._free_workers = None
+            listener.stop()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(thread.join)
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    def _tell_others(self, ready: int) -> bool:
+        """Whether to NOTIFY other processes of ``ready`` new jobs (see :meth:`listen`)."""
+        free_workers = self._free_workers
+        return free_workers is None or ready > free_workers()
+
+    async def enqueue(self, units: Sequence[EnqueueUnit], now: float) -> list[EnqueueResult]:
+        ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
+        return await self._run(self._enqueue, units, now, self._tell_others(ready))
+
+    def _enqueue(
+        self, conn: Connection, units: Sequence[EnqueueUnit], now: float, tell_others: bool
+    ) -> list[EnqueueResult]:
+        jobs = [job for unit in units for job in unit.jobs]
+        tenants = {job.tenant for job in jobs if job.run_at <= now}
+        later = min((job.run_at for job in jobs if job.run_at > now), default=None)
+        notify = tell_others and (tenants or later is not None)
+        if all(job.key is None for job in jobs):
+            if len(jobs) == 1:
+                sql, params = self.sql(_INSERT_ONE), _insert_one_params(jobs[0], now)
+            else:
+                sql, params = self.sql(_INSERT), _insert_params(jobs, now)
+            if notify:
+                sql = f"WITH inserted AS ({sql}) SELECT pg_notify(%(channel)s, %(payload)s)"
+                params.update(channel=self.channel, payload=_payload(tenants, later))
+            conn.execute(sql, params)
+            return [[job.id for job in unit.jobs] for unit in units]
+        results: list[EnqueueResult] = []
+        with conn.transaction():
+            unkeyed: list[NewJob] = []
+            for unit in units:
+                if all(job.key is None for job in unit.jobs):
+                    unkeyed.extend(unit.jobs)
+                    results.append([job.id for job in unit.jobs])
+                    continue
+                self._insert(conn, unkeyed, now)  # keep creation order: earlier units first
+                unkeyed = []
+                try:
+                    with conn.transaction():
+                        results.append(self._insert_keyed(conn, unit, now))
+                except DuplicateJob as duplicate:
+                    results.append(duplicate)
+            self._insert(conn, unkeyed, now)
+            if notify:
+                self._notify(conn, tenants, later)
+        return results
+
+    def _insert(self, conn: Connection, jobs: list[NewJob], now: float) -> None:
+        if jobs:
+            conn.execute(self.sql(_INSERT), _insert_params(jobs, now))
+
+    def _insert_keyed(self, conn: Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
+        ids: list[JobId] = []
+        for job in unit.jobs:
+            sql, params = self._insert_or_find(job, now)
+            # None: the job that held the key ended between the insert and the lookup. Again.
+            while (row := conn.execute(sql, params).fetchone()) is None:
+                pass
+            ids.append(_inserted_or_duplicate(job, unit, row))
+        return ids
+
+    def _insert_or_find(self, job: NewJob, now: float) -> tuple[str, dict[str, Any]]:
+        """A statement that inserts the job, or finds the unfinished job holding its key.
+
+        It returns (id, inserted) or, rarely, nothing: when another transaction holds the key
+        and ends the job before this statement looks it up (its snapshot predates the end).
+        """
+        sql = self.sql(
+            f"WITH inserted AS ({_INSERT} ON CONFLICT {KEY_CONFLICT} DO NOTHING RETURNING id)"
+            " SELECT id, true FROM inserted UNION ALL"
+            " SELECT id, false FROM {s}.flexq_jobs WHERE tenant = %(one_tenant)s"
+            f" AND key = %(one_key)s AND state NOT IN ({_FINAL})"
+            " AND NOT EXISTS (SELECT FROM inserted)"
+        )
+        params = _insert_params([job], now)
+        params.update(one_tenant=job.tenant, one_key=job.key)
+        return sql, params
+
+    # -- transactional enqueue --------------------------------------------------------------
+
+    async def enqueue_in(self, connection: object, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        """Insert the unit's jobs in the current transaction of the application's ``connection``.
+
+        A :class:`psycopg.AsyncConnection` is used on this event loop (asyncio); a
+        :class:`psycopg.Connection` on a worker thread (asyncio or trio). The jobs, and the
+        NOTIFY that wakes the workers, take effect when the caller commits; a DuplicateJob
+        leaves the caller's transaction usable (its savepoint is rolled back).
+        """
+        try:
+            if isinstance(connection, psycopg.AsyncConnection):
+                if _idle(connection):
+                    await connection.execute(_BEGIN_IMPLICITLY)
+                return await self._enqueue_in_async(connection, unit, now)
+            if isinstance(connection, psycopg.Connection):
+                return await anyio.to_thread.run_sync(self._enqueue_in_sync, connection, unit, now)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
+        raise InvalidArguments(
+            f"connection must be a psycopg Connection or AsyncConnection, not {connection!r}"
+        )
+
+    def _enqueue_in_sync(self, conn: Connection, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        if _idle(conn):
+            conn.execute(_BEGIN_IMPLICITLY)
+        (result,) = self._enqueue(conn, [unit], now, True)
+        return result
+
+    async def _enqueue_in_async(
+        self, conn: psycopg.AsyncConnection[Any], unit: EnqueueUnit, now: float
+    ) -> EnqueueResult:
+        tenants = {job.tenant for job in unit.jobs if job.run_at <= now}
+        later = min((job.run_at for job in unit.jobs if job.run_at > now), default=None)
+        notify = ("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, later)))
+        if all(job.key is None for job in unit.jobs):
+            async with conn.transaction():
+                await conn.execute(self.sql(_INSERT), _insert_params(unit.jobs, now))
+                await conn.execute(*notify)
+            return [job.id for job in unit.jobs]
+        ids: list[JobId] = []
+        try:
+            async with conn.transaction():
+                for job in unit.jobs:
+                    sql, params = self._insert_or_find(job, now)
+                    while (row := await (await conn.execute(sql, params)).fetchone()) is None:
+                        pass
+                    ids.append(_inserted_or_duplicate(job, unit, row))
+                await conn.execute(*notify)
+        except DuplicateJob as duplicate:
+            return duplicate
+        return ids
+
+    # -- dispatching ------------------------------------------------------------------------
+
+    async def ready_tenants(self, tasks: Collection[str]) -> list[str]:
+        rows = await self._read(self.sql(READY_TENANTS), {"tasks": sorted(tasks)})
+        return [tenant for (tenant,) in rows]
+
+    async def claim(
+        self,
+        owner: str,
+        wanted: Mapping[str, int],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        asked = {tenant: count for tenant, count in wanted.items() if count > 0}
+        if not asked or not tasks:
+            return []
+        params = {
+            "tasks": sorted(tasks), "tenants": list(asked), "counts": list(asked.values()),
+            "now": now, "owner": owner, "lease_until": lease_until,
+        }  # fmt: skip
+        rows = await self._run(self._select, self.sql(CLAIM), params)
+        return sorted(map(_claimed, rows), key=_by_order)
+
+    async def has_suspects(self, tasks: Collection[str]) -> bool:
+        rows = await self._read(self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
+        return bool(rows[0][0])
+
+    async def claim_suspect(
+        self, owner: str, tasks: Collection[str], now: float, lease_until: float
+    ) -> ClaimedJob | None:
+        params = {"tasks": sorted(tasks), "now": now, "owner": owner, "lease_until": lease_until}
+        rows = await self._run(self._select, self.sql(CLAIM_SUSPECT), params)
+        return _claimed(rows[0]) if rows else None
+
+    async def report(self, owner: str, outcomes: Sequence[Outcome], now: float) -> list[JobId]:
+        checked = checked_outcomes(outcomes)
+        # Released jobs are let go because this process stops: others must hear of them.
+        retries = sum(o.state is State.QUEUED and not o.release for o in checked)
+        released = any(o.release for o in checked)
+        tell_others = released or self._tell_others(retries)
+        return await self._run(self._report, owner, checked, now, tell_others)
+
+    def _report(
+        self,
+        conn: Connection,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        now: float,
+        tell_others: bool,
+    ) -> list[JobId]:
+        if not outcomes:
+            return []
+        params: dict[str, Any] = {
+            "id": [o.job_id for o in outcomes],
+            "state": [str(o.state) for o in outcomes],
+            "result": [o.result for o in outcomes],
+            "error": [o.error for o in outcomes],
+            "run_at": [o.run_at for o in outcomes],
+            "release": [o.release for o in outcomes],
+            "retry": [o.state in (State.QUEUED, State.SCHEDULED) and not o.release
+                      for o in outcomes],
+            "final": [o.state.is_final and not o.release for o in outcomes],
+            "owner": owner,
+            "now": now,
+        }  # fmt: skip
+        rows = conn.execute(self.sql(REPORT), params).fetchall()
+        requeued = {tenant for _, state, tenant in rows if state == State.QUEUED}
+        later = min(
+            (o.run_at for o in outcomes if o.state is State.SCHEDULED and o.run_at is not None),
+            default=None,
+        )
+        if tell_others and (requeued or later is not None):
+            self._notify(conn, requeued, later)
+        return [row[0] for row in rows]
+
+    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
+        params = {"owner": owner, "lease_until": lease_until}
+        rows = await self._run(self._select, self.sql(RENEW), params)
+        return [job_id for job_id, abort_requested, _ in rows if abort_requested]
+
+    async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
+        return await self._run(self._recover, now, max_lease_expiries)
+
+    def _recover(self, conn: Connection, now: float, max_lease_expiries: int) -> Recovered:
+        recovered = Recovered(requeued=[], failed=[], aborted=[])
+        with conn.transaction():
+            expired = conn.execute(self.sql(EXPIRED), {"now": now}).fetchall()
+            if not expired:
+                return recovered
+            params: dict[str, list[Any]] = {"id": [], "state": [], "error": [], "finished_at": []}
+            for job_id, attempts, expiries, abort_requested in expired:
+                error = lease_error(attempts, expiries + 1, max_lease_expiries, now)
+                if abort_requested:
+                    target, bucket = State.ABORTED, recovered.aborted
+                elif expiries + 1 >= max_lease_expiries:
+                    target, bucket = State.FAILED, recovered.failed
+                else:
+                    target, bucket = State.QUEUED, recovered.requeued
+                params["id"].append(job_id)
+                params["state"].append(str(target))
+                params["error"].append(dumps(error, "error"))
+                params["finished_at"].append(now if target.is_final else None)
+                bucket.append(job_id)
+            conn.execute(self.sql(RECOVER), params)
+            if recovered.requeued:
+                self._notify(conn, None, None)
+        return recovered
+
+    async def promote(self, now: float) -> tuple[list[str], float | None]:
+        rows = await self._run(self._select, self.sql(PROMOTE), {"now": now})
+        tenants, next_run_at, _ = rows[0]
+        return list(tenants), next_run_at
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def request_abort(self, job_id: JobId, now: float) -> State:
+        return await self._run(self._request_abort, job_id, now)
+
+    def _request_abort(self, conn: Connection, job_id: JobId, now: float) -> State:
+        with conn.transaction():
+            row = conn.execute(
+                self.sql("SELECT state FROM {s}.flexq_jobs WHERE id = %s FOR UPDATE"), (job_id,)
+            ).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            state = State(row[0])
+            if state in RUNNING_STATES:
+                conn.execute(
+                    self.sql("UPDATE {s}.flexq_jobs SET abort_requested = true WHERE id = %s"),
+                    (job_id,),
+                )
+                return state
+            check_transition(state, State.ABORTED, job_id)
+            conn.execute(
+                self.sql(
+                    "UPDATE {s}.flexq_jobs SET state = 'ABORTED', abort_requested = true,"
+                    " finished_at = %s WHERE id = %s"
+                ),
+                (now, job_id),
+            )
+        return State.ABORTED
+
+    async def set_progress(self, owner: str, job_id: JobId, progress: str) -> bool:
+        sql = self.sql(
+            "UPDATE {s}.flexq_jobs SET progress = %s WHERE id = %s AND lease_owner = %s"
+            " RETURNING id"
+        )
+        return bool(await self._run(self._select, sql, (progress, job_id, owner)))
+
+    async def set_pause(self, scope: PauseScope, name: str, paused: bool, now: float) -> bool:
+        return await self._run(self._set_pause, str(scope), name, paused, now)
+
+    def _set_pause(self, conn: Connection, scope: str, name: str, paused: bool, now: float) -> bool:
+        if paused:
+            cursor = conn.execute(
+                self.sql(
+                    "INSERT INTO {s}.flexq_pauses (scope, name, since) VALUES (%s, %s, %s)"
+                    " ON CONFLICT DO NOTHING"
+                ),
+                (scope, name, now),
+            )
+            return cursor.rowcount > 0
+        with conn.transaction():
+            cursor = conn.execute(
+                self.sql("DELETE FROM {s}.flexq_pauses WHERE scope = %s AND name = %s"),
+                (scope, name),
+            )
+            if cursor.rowcount > 0:
+                self._notify(conn, None, None)
+        return cursor.rowcount > 0
+
+    async def pauses(self) -> list[Pause]:
+        sql = self.sql(
+            "SELECT scope, name, since FROM {s}.flexq_pauses ORDER BY since, scope, name"
+        )
+        rows = await self._read(sql, ())
+        return [
+            Pause(PauseScope(scope), name, timestamp_to_datetime(since))
+            for scope, name, since in rows
+        ]
+
+    async def prune(self, finished_before: float, limit: int) -> int:
+        return await self._run(self._prune, finished_before, limit)
+
+    def _prune(self, conn: Connection, finished_before: float, limit: int) -> int:
+        cursor = conn.execute(self.sql(PRUNE), {"before": finished_before, "limit": limit})
+        return cursor.rowcount
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _select(
+        conn: Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        return conn.execute(sql, params).fetchall()
+
+    async def get(self, job_id: JobId) -> JobInfo:
+        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = %s")
+        rows = await self._read(sql, (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return _info(rows[0])
+
+    async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
+        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = ANY(%s::text[])")
+        rows = await self._read(sql, (list(dict.fromkeys(job_ids)),))
+        return [_info(row) for row in rows]
+
+    async def jobs(
+        self, where: JobFilter, *, after_seq: int | None, offset: int, limit: int
+    ) -> list[tuple[int, JobInfo]]:
+        sql, params = select_jobs(where, after_seq)
+        rows = await self._read(self.sql(sql), [*params, limit, offset])
+        return [(row[0], _info(row)) for row in rows]
+
+    async def counts(self, where: JobFilter) -> dict[State, int]:
+        clause, params = _where(where)
+        sql = self.sql(
+            f"SELECT state, count(*) FROM {{s}}.flexq_jobs WHERE {clause} GROUP BY state"
+        )
+        rows = await self._read(sql, params)
+        return {State(state): count for state, count in rows}
+
+
+class _Listener:
+    """The LISTEN connection of :meth:`PostgresStore.listen`, served by a thread of its own.
+
+    Notifications sent by the store's own connections are dropped: this process's dispatcher
+    heard of that work in-process already.
+    """
+
+    def __init__(
+        self, store: PostgresStore, wake: Callable[[list[str] | None, float | None], None]
+    ) -> None:
+        self._store = store
+        self._wake = wake
+        self._pending: list[tuple[list[str] | None, float | None]] = []
+        self._lock = threading.Lock()
+        self._deliver = _threadsafe(self._deliver_pending)
+        self._stop_read, self._stop_write = os.pipe()
+
+    def stop(self) -> None:
+        os.write(self._stop_write, b"x")
+
+    def _deliver_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for tenants, run_at in pending:
+            self._wake(tenants, run_at)
+
+    def _post(self, tenants: list[str] | None, run_at: float | None) -> None:
+        with self._lock:
+            self._pending.append((tenants, run_at))
+        self._deliver()
+
+    def serve(self) -> None:
+        delay = 0.0
+        first = True
+        try:
+            while not self._sleep(delay):
+                try:
+                    self._listen(first)
+                    return
+                except psycopg.Error as exc:
+                    delay = min(max(2 * delay, 0.1), 5.0)
+                    log.warning("LISTEN connection lost, reconnecting", error=repr(exc),
+                                retry_in=delay)  # fmt: skip
+                first = False
+        finally:
+            os.close(self._stop_read)
+            os.close(self._stop_write)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``; True if asked to stop meanwhile."""
+        readable, _, _ = select.select([self._stop_read], [], [], seconds)
+        return bool(readable)
+
+    def _listen(self, first: bool) -> None:
+        """LISTEN and pass notifications on until asked to stop (or the connection fails)."""
+        store = self._store
+        with store._connect() as conn:
+            conn.execute(f'LISTEN "{store.channel}"')
+            if not first:
+                self._post(None, None)  # notifications may have been missed meanwhile
+            while True:
+                readable, _, _ = select.select([conn.fileno(), self._stop_read], [], [], 30.0)
+                if self._stop_read in readable:
+                    return
+                if not readable:
+                    conn.execute("SELECT 1")  # a dead peer shows up here
+                    continue
+                for note in conn.notifies(timeout=0.0):
+                    if note.pid not in store._pool.backend_pids:
+                        self._post(*_parse_payload(note.payload))
+
+
+_BEGIN_IMPLICITLY = "SELECT 'flexq joins the transaction'"
+"""Run on a connection that is not in autocommit mode and not in a transaction, any statement
+begins one (psycopg sends BEGIN first): the jobs then join it, and psycopg's transaction
+blocks inside it are savepoints, not transactions of their own that commit at once."""
+
+
+def _idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the application's connection would commit our writes on its own at once if we
+    used a transaction block now (it is not in autocommit mode, and no transaction is open)."""
+    status = conn.info.transaction_status
+    return not conn.autocommit and status == psycopg.pq.TransactionStatus.IDLE
+
+
+def _inserted_or_duplicate(job: NewJob, unit: EnqueueUnit, row: tuple[Any, ...]) -> JobId:
+    """The id a keyed insert gave: the job's, or the holder's (or raise DuplicateJob)."""
+    job_id, inserted = row
+    if not inserted and unit.on_duplicate == "raise":
+        raise DuplicateJob(job.tenant, job.key or "", job_id)
+    return job_id  # type: ignore[no-any-return]
+
+
+def _dropped(conn: Connection) -> bool:
+    """Whether the server sent something to an idle connection. It does so when it closes the
+    connection (a FATAL error, then end of file); the rare other messages (a notice, a changed
+    parameter) cost a needless reconnection, which is harmless."""
+    if conn.closed or conn.broken:
+        return True
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
+def _payload(tenants: Collection[str] | None, run_at: float | None) -> str:
+    if tenants is None:
+        return ""
+    text = json.dumps({"tenants": sorted(tenants), "run_at": run_at}, separators=(",", ":"))
+    return text if len(text.encode()) <= MAX_PAYLOAD else ""
+
+
+def _parse_payload(payload: str) -> tuple[list[str] | None, float | None]:
+    try:
+        data = json.loads(payload)
+        return [str(t) for t in data["tenants"]], data["run_at"]
+    except (ValueError, TypeError, KeyError):
+        return None, None
+
+
+def _insert_one_params(job: NewJob, now: float) -> dict[str, Any]:
+    return {
+        "now": now, "id": job.id, "task": job.task, "kind": str(job.kind),
+        "kind_rank": job.kind.rank, "tenant": job.tenant, "priority": job.priority,
+        "state": str(State.QUEUED if job.run_at <= now else State.SCHEDULED), "args": job.args,
+        "kwargs": job.kwargs, "max_attempts": job.max_attempts, "timeout": job.timeout,
+        "run_at": job.run_at, "parent_id": job.parent_id, "key": job.key,
+    }  # fmt: skip
+
+
+def _insert_params(jobs: Sequence[NewJob], now: float) -> dict[str, Any]:
+    return {
+        "now": now,
+        "id": [job.id for job in jobs],
+        "task": [job.task for job in jobs],
+        "kind": [str(job.kind) for job in jobs],
+        "kind_rank": [job.kind.rank for job in jobs],
+        "tenant": [job.tenant for job in jobs],
+        "priority": [job.priority for job in jobs],
+        "state": [str(State.QUEUED if job.run_at <= now else State.SCHEDULED) for job in jobs],
+        "args": [job.args for job in jobs],
+        "kwargs": [job.kwargs for job in jobs],
+        "max_attempts": [job.max_attempts for job in jobs],
+        "timeout": [job.timeout for job in jobs],
+        "run_at": [job.run_at for job in jobs],
+        "parent_id": [job.parent_id for job in jobs],
+        "key": [job.key for job in jobs],
+    }
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
+    return ClaimedJob(
+        id=row[0], task=row[1], kind=Kind(row[2]), tenant=row[3], priority=row[4], args=row[5],
+        kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9], parent_id=row[10],
+        order=(-row[4], row[11], row[12]),
+    )  # fmt: skip
+
+
+def _by_order(job: ClaimedJob) -> tuple[int, int, int]:
+    return job.order
+
+
+def select_jobs(where: JobFilter, after_seq: int | None) -> tuple[str, list[Any]]:
+    """The query of :meth:`PostgresStore.jobs` and its parameters, but LIMIT and OFFSET."""
+    clause, params = _where(where)
+    if after_seq is not None:
+        clause += " AND seq > %s"
+        params.append(after_seq)
+    order = "ORDER BY seq LIMIT %s OFFSET %s"
+    return f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE {clause} {order}", params
+
+
+def _where(where: JobFilter) -> tuple[str, list[Any]]:
+    clauses = ["true"]
+    params: list[Any] = []
+    if where.state is not None:
+        # A literal, not a parameter: the planner can then use the partial indexes by state.
+        clauses.append(f"state = '{State(where.state)}'")
+    for column, value in (("tenant", where.tenant), ("kind", where.kind), ("task", where.task)):
+        if value is not None:
+            clauses.append(f"{column} = %s")
+            params.append(str(value))
+    if where.created_after is not None:
+        clauses.append("created_at >= %s")
+        params.append(where.created_after)
+    if where.created_before is not None:
+        clauses.append("created_at < %s")
+        params.append(where.created_before)
+    return " AND ".join(clauses), params
+
+
+def _info(row: tuple[Any, ...]) -> JobInfo:
+    return job_info(
+        id=row[1], task=row[2], kind=row[3], tenant=row[4], priority=row[5], state=row[6],
+        args=row[7], kwargs=row[8], attempts=row[9], max_attempts=row[10], created_at=row[11],
+        run_at=row[12], started_at=row[13], finished_at=row[14], result=row[15], errors=row[16],
+        parent_id=row[17], key=row[18], progress=row[19], abort_requested=row[20],
+    )  # fmt: skip
