@@ -17,9 +17,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from flexq._states import FINAL_STATES, RUNNING_STATES
+from flexq._store.base import ACTIVE_BATCH_STATES
 
 _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
+_ACTIVE = ",".join(f"'{s}'" for s in sorted(ACTIVE_BATCH_STATES))
 
 
 class Migration(NamedTuple):
@@ -83,6 +85,63 @@ CREATE TABLE {{schema}}.flexq_pauses (
     since double precision NOT NULL,
     PRIMARY KEY (scope, name)
 )
+""",
+    ),
+    Migration(
+        2,
+        "batch jobs (holding queues, slots, chunks), schedules and dependencies",
+        f"""
+ALTER TABLE {{schema}}.flexq_jobs ADD COLUMN position double precision;
+CREATE INDEX flexq_jobs_holding ON {{schema}}.flexq_jobs (tenant, position)
+    WHERE state = 'HOLDING';
+CREATE INDEX flexq_jobs_active_batches ON {{schema}}.flexq_jobs (tenant)
+    WHERE kind = 'batch' AND state IN ({_ACTIVE});
+CREATE TABLE {{schema}}.flexq_batches (
+    job_id text PRIMARY KEY,
+    prepared boolean NOT NULL DEFAULT false,
+    total_items bigint NOT NULL DEFAULT 0,
+    chunks_total bigint NOT NULL DEFAULT 0,
+    items_processed bigint NOT NULL DEFAULT 0,
+    chunks_succeeded bigint NOT NULL DEFAULT 0,
+    chunks_failed bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE {{schema}}.flexq_chunks (
+    job_id text NOT NULL,
+    idx integer NOT NULL,
+    size integer NOT NULL,
+    items text NOT NULL,
+    status smallint NOT NULL DEFAULT 0,
+    error text,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE {{schema}}.flexq_schedules (
+    name text PRIMARY KEY,
+    tenant text NOT NULL,
+    cron text NOT NULL,
+    timezone text NOT NULL,
+    task text NOT NULL,
+    args text NOT NULL,
+    kwargs text NOT NULL,
+    misfire text NOT NULL,
+    reserve boolean NOT NULL,
+    state text NOT NULL,
+    next_fire_time double precision,
+    previous_fire_time double precision,
+    times_triggered bigint NOT NULL DEFAULT 0,
+    last_job_id text,
+    revision bigint NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE INDEX flexq_schedules_due ON {{schema}}.flexq_schedules (next_fire_time)
+    WHERE state = 'active';
+CREATE INDEX flexq_schedules_tenant ON {{schema}}.flexq_schedules (tenant, name);
+CREATE TABLE {{schema}}.flexq_dependencies (
+    parent_id text NOT NULL,
+    child_id text NOT NULL,
+    on_parent_failure text NOT NULL,
+    PRIMARY KEY (parent_id, child_id)
+);
+CREATE INDEX flexq_dependencies_child ON {{schema}}.flexq_dependencies (child_id)
 """,
     ),
 )

@@ -39,23 +39,44 @@ import anyio.to_thread
 import psycopg
 import structlog
 
-from flexq._errors import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, StoreError
+from flexq._errors import (
+    DuplicateJob,
+    FlexqError,
+    InvalidArguments,
+    JobNotFound,
+    LimitExceeded,
+    NotHolding,
+    StoreError,
+)
+from flexq._limits import LimitTable
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps
 from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
 from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
 from flexq._store._thread import _Call, _threadsafe
 from flexq._store.base import (
+    ACTIVE_BATCH_STATES,
+    HOLDING_STEP,
+    NO_BATCH_COUNTS,
+    BatchCounts,
+    ChunkDone,
     ClaimedJob,
+    DependentJob,
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
     NewJob,
     Outcome,
+    Placement,
     Recovered,
+    ScheduleFiring,
+    ScheduleRecord,
+    WaitFacts,
     checked_outcomes,
+    holding_full,
     job_info,
     lease_error,
+    parent_failed_error,
 )
 
 if TYPE_CHECKING:
@@ -76,11 +97,16 @@ READ_ATTEMPTS = 3
 """How often a read is tried when the server drops its connection (writes are tried once: their
 callers decide what to do about a transaction that may or may not have committed)."""
 
+_ACTIVE = ",".join(f"'{s}'" for s in sorted(ACTIVE_BATCH_STATES))
+CHUNK_PENDING, CHUNK_SUCCEEDED, CHUNK_FAILED = 0, 1, 2
 _INFO_COLUMNS = (
     "seq, id, task, kind, tenant, priority, state, args, kwargs, attempts, max_attempts, "
     "created_at, run_at, started_at, finished_at, result, errors, parent_id, key, progress, "
-    "abort_requested"
+    "abort_requested, prepared, total_items, chunks_total, items_processed, chunks_succeeded, "
+    "chunks_failed"
 )
+_INFO_FROM = "{s}.flexq_jobs LEFT JOIN {s}.flexq_batches ON flexq_batches.job_id = flexq_jobs.id"
+"""A job's row and its batch counts (if it is a batch job)."""
 ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
 """Evaluated by a statement, lets its transaction commit without waiting for the disk.
 
@@ -94,7 +120,8 @@ _CLAIMED_COLUMNS = (
     f" j.timeout, j.parent_id, j.kind_rank, j.seq, {ASYNC_COMMIT}"
 )
 _TAKE = (
-    "state = 'PROCESSING', attempts = j.attempts + 1, started_at = %(now)s,"
+    "state = CASE WHEN j.kind = 'batch' THEN 'PREPARING' ELSE 'PROCESSING' END,"
+    " attempts = j.attempts + 1, started_at = %(now)s,"
     " lease_owner = %(owner)s, lease_until = %(lease_until)s"
 )
 _RUNNABLE = """
@@ -264,7 +291,7 @@ UPDATE {{s}}.flexq_jobs AS j SET
     lease_until = NULL
 FROM held AS v
 WHERE j.seq = v.seq AND j.lease_owner = %(owner)s
-RETURNING j.id, j.state, j.tenant"""
+RETURNING j.id, j.state, j.tenant, j.kind"""
 """Every outcome of a report in one statement: each row of ``v`` is one job's outcome.
 
 The jobs are found one id at a time (``held``), each through the unique index of ids, and
@@ -292,7 +319,7 @@ scan of the index of running jobs, which marks the dead entries it meets (a bitm
 would read them all again at every renewal until the next vacuum)."""
 
 EXPIRED = f"""
-SELECT id, attempts, lease_expiries, abort_requested FROM {{s}}.flexq_jobs
+SELECT id, attempts, lease_expiries, abort_requested, kind, tenant FROM {{s}}.flexq_jobs
 WHERE state IN ({_RUNNING}) AND lease_until < %(now)s
 ORDER BY lease_until
 FOR UPDATE SKIP LOCKED"""
@@ -313,13 +340,231 @@ FROM held AS v
 WHERE j.seq = v.seq"""
 
 PRUNE = f"""
-DELETE FROM {{s}}.flexq_jobs WHERE seq IN (
-    SELECT seq FROM {{s}}.flexq_jobs
-    WHERE finished_at < %(before)s AND state IN ({_FINAL})
-    ORDER BY finished_at, seq
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)"""
+WITH gone AS (
+    DELETE FROM {{s}}.flexq_jobs WHERE seq IN (
+        SELECT seq FROM {{s}}.flexq_jobs
+        WHERE finished_at < %(before)s AND state IN ({_FINAL})
+        ORDER BY finished_at, seq
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, kind
+),
+batches AS (SELECT id FROM gone WHERE kind = 'batch'),
+chunks AS (DELETE FROM {{s}}.flexq_chunks WHERE job_id IN (SELECT id FROM batches)),
+counts AS (DELETE FROM {{s}}.flexq_batches WHERE job_id IN (SELECT id FROM batches))
+SELECT count(*) FROM gone"""
+"""Final jobs, with the chunks and counts of the batch jobs among them."""
+
+
+LOCK_TENANTS = (
+    "SELECT pg_advisory_xact_lock(hashtextextended(%(prefix)s || tenant, 0))"
+    " FROM unnest(%(tenants)s::text[]) AS t(tenant)"
+)
+"""Lock the slot accounting and holding queues of tenants (given sorted, so that two
+transactions lock them in one order), until the transaction ends. Every transaction that puts
+a job into a holding queue, moves one in it or out of it, or ends a batch job in an active slot
+holds its tenant's lock when it counts and admits: two processes never both admit into the last
+free slot."""
+
+USAGE = f"""
+SELECT
+    (SELECT count(*) FROM {{s}}.flexq_jobs WHERE tenant = %(tenant)s AND state = 'HOLDING'),
+    (SELECT count(*) FROM {{s}}.flexq_jobs
+     WHERE tenant = %(tenant)s AND kind = 'batch' AND state IN ({_ACTIVE}))"""
+
+HOLD = """
+UPDATE {s}.flexq_jobs AS j SET state = 'HOLDING', position = (
+    SELECT coalesce(max(position), 0) FROM {s}.flexq_jobs
+    WHERE tenant = %(tenant)s AND state = 'HOLDING'
+) + %(step)s * array_position(%(ids)s::text[], j.id)
+WHERE j.id = ANY(%(ids)s::text[])"""
+"""Put jobs (new ones, HOLDING without a place yet, or released WAITING ones) at the end of
+their tenant's holding queue, in the order of ``ids``."""
+
+ADMIT = f"""
+WITH wanted AS (
+    SELECT tenant, slots FROM unnest(%(tenants)s::text[], %(slots)s::int[]) AS w(tenant, slots)
+),
+chosen AS (
+    SELECT h.seq FROM wanted AS w CROSS JOIN LATERAL (
+        SELECT seq FROM {{s}}.flexq_jobs
+        WHERE tenant = w.tenant AND state = 'HOLDING'
+        ORDER BY position
+        LIMIT greatest(0, w.slots - (
+            SELECT count(*) FROM {{s}}.flexq_jobs
+            WHERE tenant = w.tenant AND kind = 'batch' AND state IN ({_ACTIVE})))
+    ) AS h
+)
+UPDATE {{s}}.flexq_jobs AS j SET state = 'QUEUED', position = NULL
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
+RETURNING j.tenant"""
+"""Move each tenant's first HOLDING jobs into its free active slots (``slots`` of them in
+all); the tenants must be locked."""
+
+HOLDING_TENANTS = f"""
+WITH RECURSIVE holding(tenant) AS (
+    (SELECT tenant FROM {{s}}.flexq_jobs WHERE state = 'HOLDING' ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM {{s}}.flexq_jobs
+            WHERE state = 'HOLDING' AND tenant > holding.tenant ORDER BY tenant LIMIT 1)
+    FROM holding WHERE holding.tenant IS NOT NULL
+)
+SELECT tenant, (SELECT count(*) FROM {{s}}.flexq_jobs AS j
+                WHERE j.tenant = holding.tenant AND kind = 'batch' AND state IN ({_ACTIVE}))
+FROM holding WHERE tenant IS NOT NULL"""
+"""Tenants with HOLDING jobs (a loose scan of ``flexq_jobs_holding``) and their active batch
+jobs."""
+
+QUEUED_TENANTS = """
+WITH RECURSIVE ready(tenant) AS (
+    (SELECT tenant FROM {s}.flexq_jobs
+     WHERE state = 'QUEUED' AND lease_expiries = 0
+     ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT tenant FROM {s}.flexq_jobs
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant > ready.tenant
+            ORDER BY tenant LIMIT 1)
+    FROM ready WHERE ready.tenant IS NOT NULL
+)
+SELECT count(*) FROM ready WHERE tenant IS NOT NULL AND tenant <> %(tenant)s"""
+
+_HELD = f"id = %(id)s AND lease_owner = %(owner)s AND state IN ({_RUNNING})"
+"""A job that ``owner`` holds a lease on."""
+
+ADD_CHUNKS = f"""
+WITH held AS (SELECT 1 FROM {{s}}.flexq_jobs WHERE {_HELD} FOR SHARE),
+added AS (
+    INSERT INTO {{s}}.flexq_chunks (job_id, idx, size, items)
+    SELECT %(id)s, %(first)s + n - 1, size, items
+    FROM unnest(%(sizes)s::int[], %(items)s::text[]) WITH ORDINALITY AS c(size, items, n)
+    WHERE EXISTS (SELECT FROM held)
+)
+SELECT EXISTS (SELECT FROM held)"""
+
+END_PREPARING = f"""
+WITH held AS (SELECT seq FROM {{s}}.flexq_jobs WHERE {_HELD} FOR UPDATE),
+counts AS (
+    UPDATE {{s}}.flexq_batches SET prepared = true, total_items = %(total_items)s,
+        chunks_total = %(chunks_total)s
+    WHERE job_id = %(id)s AND EXISTS (SELECT FROM held)
+)
+UPDATE {{s}}.flexq_jobs SET state = 'PROCESSING' WHERE seq = (SELECT seq FROM held)
+RETURNING id"""
+
+CHECKPOINT = f"""
+WITH held AS (SELECT 1 FROM {{s}}.flexq_jobs WHERE {_HELD} FOR SHARE),
+v AS (
+    SELECT * FROM unnest(%(chunk)s::int[], %(items)s::bigint[], %(error)s::text[])
+        AS v(chunk, items, error)
+),
+done AS (
+    UPDATE {{s}}.flexq_chunks AS c
+    SET status = CASE WHEN v.error IS NULL THEN {CHUNK_SUCCEEDED} ELSE {CHUNK_FAILED} END,
+        error = v.error
+    FROM v
+    WHERE c.job_id = %(id)s AND c.idx = v.chunk AND c.status = {CHUNK_PENDING}
+        AND EXISTS (SELECT FROM held)
+    RETURNING v.items, v.error
+),
+counts AS (
+    UPDATE {{s}}.flexq_batches SET
+        items_processed = items_processed + (SELECT coalesce(sum(items), 0) FROM done),
+        chunks_succeeded = chunks_succeeded + (SELECT count(*) FROM done WHERE error IS NULL),
+        chunks_failed = chunks_failed + (SELECT count(*) FROM done WHERE error IS NOT NULL)
+    WHERE job_id = %(id)s AND EXISTS (SELECT FROM held)
+)
+SELECT EXISTS (SELECT FROM held)"""
+"""Finished chunks (each counted once, however often it is reported) and the job's counts."""
+
+_COUNTS = "prepared, total_items, chunks_total, items_processed, chunks_succeeded, chunks_failed"
+
+_SCHEDULE_COLUMNS = (
+    "name, tenant, cron, timezone, task, args, kwargs, misfire, reserve, state, next_fire_time,"
+    " previous_fire_time, times_triggered, last_job_id, revision, created_at"
+)
+
+PUT_SCHEDULE = f"""
+INSERT INTO {{s}}.flexq_schedules AS o ({_SCHEDULE_COLUMNS})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, 0, NULL, 1, %s)
+ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant, task = excluded.task,
+    args = excluded.args, kwargs = excluded.kwargs, misfire = excluded.misfire,
+    reserve = excluded.reserve,
+    next_fire_time = CASE WHEN o.cron = excluded.cron AND o.timezone = excluded.timezone
+                          THEN o.next_fire_time ELSE excluded.next_fire_time END,
+    cron = excluded.cron, timezone = excluded.timezone, revision = o.revision + 1
+RETURNING {_SCHEDULE_COLUMNS}"""
+
+FIRE_SCHEDULE = """
+UPDATE {s}.flexq_schedules SET next_fire_time = %s,
+    previous_fire_time = COALESCE(%s, previous_fire_time),
+    times_triggered = times_triggered + %s,
+    last_job_id = COALESCE(%s, last_job_id), revision = revision + 1
+WHERE name = %s AND revision = %s AND state = 'active'"""
+"""Advance a schedule that no other process fired or changed since it was read: of two
+processes that fire it at once, the second waits for the first's row lock, then finds the
+revision moved on and updates nothing."""
+
+DUE_SCHEDULES = f"""
+SELECT {_SCHEDULE_COLUMNS} FROM {{s}}.flexq_schedules
+WHERE state = 'active' AND next_fire_time <= %(now)s AND task = ANY(%(tasks)s::text[])
+ORDER BY next_fire_time, name"""
+
+NEXT_SCHEDULE = """
+SELECT min(next_fire_time) FROM {s}.flexq_schedules
+WHERE state = 'active' AND next_fire_time > %(now)s"""
+
+RELEASE_EDGES = """
+DELETE FROM {s}.flexq_dependencies WHERE parent_id = ANY(%s::text[])
+RETURNING parent_id, child_id, on_parent_failure"""
+
+ABORT_WAITING = f"""
+WITH v AS MATERIALIZED (
+    SELECT * FROM unnest(%(id)s::text[], %(error)s::text[]) AS v(id, error)
+),{_BY_ID.format(s="{s}", guard="")}
+UPDATE {{s}}.flexq_jobs AS j SET state = 'ABORTED', finished_at = %(now)s,
+    errors = {_APPEND_ERROR}
+FROM held AS v
+WHERE j.seq = v.seq AND j.state = 'WAITING'
+RETURNING j.id"""
+
+RELEASE_WAITING = """
+UPDATE {s}.flexq_jobs AS j SET state = CASE WHEN j.kind = 'batch' THEN 'WAITING'
+    WHEN j.run_at <= %(now)s THEN 'QUEUED' ELSE 'SCHEDULED' END
+WHERE j.id = ANY(%(ids)s::text[]) AND j.state = 'WAITING'
+    AND NOT EXISTS (SELECT 1 FROM {s}.flexq_dependencies AS d WHERE d.child_id = j.id)
+RETURNING j.id, j.tenant, j.kind, j.state"""
+"""Dependants whose last parent ended; batch jobs stay WAITING until they join their holding
+queue (:meth:`PostgresStore._hold`)."""
+
+CLAIM_JOBS = (
+    "WITH"
+    + _RUNNABLE
+    + "\nUPDATE {s}.flexq_jobs AS j SET "
+    + _TAKE
+    + """
+WHERE j.id = ANY(%(ids)s::text[]) AND j.state = 'QUEUED' AND j.lease_expiries = 0
+    AND j.task IN (SELECT task FROM runnable)
+    AND j.tenant NOT IN (SELECT name FROM pauses WHERE scope = 'tenant')
+RETURNING """
+    + _CLAIMED_COLUMNS
+)
+
+CHAIN = f"""
+WITH RECURSIVE
+    up(id, parent_id) AS (
+        SELECT id, parent_id FROM {{s}}.flexq_jobs WHERE id = %(id)s
+        UNION
+        SELECT j.id, j.parent_id FROM {{s}}.flexq_jobs AS j JOIN up ON j.id = up.parent_id
+    ),
+    down(id) AS (
+        SELECT %(id)s::text
+        UNION
+        SELECT j.id FROM {{s}}.flexq_jobs AS j JOIN down ON j.parent_id = down.id
+    )
+SELECT {_INFO_COLUMNS} FROM {_INFO_FROM}
+WHERE id IN (SELECT id FROM up UNION SELECT id FROM down)
+ORDER BY seq"""
 
 
 def check_schema(schema: str) -> str:
@@ -432,6 +677,8 @@ class PostgresStore:
         self._sql: dict[str, str] = {}
         self._free_workers: Callable[[], int] | None = None
         self._pool = _Connections(f"flexq-postgres:{schema}", connections, self._connect)
+        self._limits = LimitTable()
+        self._lock_prefix = f"flexq.tenant.{schema}."
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -573,7 +820,7 @@ class PostgresStore:
         tenants = {job.tenant for job in jobs if job.run_at <= now}
         later = min((job.run_at for job in jobs if job.run_at > now), default=None)
         notify = tell_others and (tenants or later is not None)
-        if all(job.key is None for job in jobs):
+        if all(_plain(job) for job in jobs):
             if len(jobs) == 1:
                 sql, params = self.sql(_INSERT_ONE), _insert_one_params(jobs[0], now)
             else:
@@ -585,9 +832,10 @@ class PostgresStore:
             return [[job.id for job in unit.jobs] for unit in units]
         results: list[EnqueueResult] = []
         with conn.transaction():
+            self._lock_tenants(conn, {job.tenant for job in jobs if job.kind is Kind.BATCH})
             unkeyed: list[NewJob] = []
             for unit in units:
-                if all(job.key is None for job in unit.jobs):
+                if all(_plain(job) for job in unit.jobs):
                     unkeyed.extend(unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
@@ -596,8 +844,8 @@ class PostgresStore:
                 try:
                     with conn.transaction():
                         results.append(self._insert_keyed(conn, unit, now))
-                except DuplicateJob as duplicate:
-                    results.append(duplicate)
+                except (DuplicateJob, LimitExceeded) as refused:
+                    results.append(refused)
             self._insert(conn, unkeyed, now)
             if notify:
                 self._notify(conn, tenants, later)
@@ -608,13 +856,27 @@ class PostgresStore:
             conn.execute(self.sql(_INSERT), _insert_params(jobs, now))
 
     def _insert_keyed(self, conn: Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
+        """Insert a unit with keys or batch jobs, job by job; raise to refuse it.
+
+        The tenants of its batch jobs must be locked (:meth:`_lock_tenants`)."""
         ids: list[JobId] = []
+        held: dict[str, list[JobId]] = {}
         for job in unit.jobs:
-            sql, params = self._insert_or_find(job, now)
-            # None: the job that held the key ended between the insert and the lookup. Again.
-            while (row := conn.execute(sql, params).fetchone()) is None:
-                pass
-            ids.append(_inserted_or_duplicate(job, unit, row))
+            if job.key is None:
+                conn.execute(self.sql(_INSERT_ONE), _insert_one_params(job, now))
+                job_id = job.id
+            else:
+                sql, params = self._insert_or_find(job, now)
+                # None: the job that held the key ended between the insert and the lookup. Again.
+                while (row := conn.execute(sql, params).fetchone()) is None:
+                    pass
+                job_id = _inserted_or_duplicate(job, unit, row)
+            if job.kind is Kind.BATCH and job_id == job.id:
+                held.setdefault(job.tenant, []).append(job_id)
+            ids.append(job_id)
+        if held:
+            self._add_batches(conn, [job_id for group in held.values() for job_id in group])
+            self._hold_new(conn, held)
         return ids
 
     def _insert_or_find(self, job: NewJob, now: float) -> tuple[str, dict[str, Any]]:
@@ -753,14 +1015,26 @@ class PostgresStore:
             "owner": owner,
             "now": now,
         }  # fmt: skip
-        rows = conn.execute(self.sql(REPORT), params).fetchall()
-        requeued = {tenant for _, state, tenant in rows if state == State.QUEUED}
         later = min(
             (o.run_at for o in outcomes if o.state is State.SCHEDULED and o.run_at is not None),
             default=None,
         )
-        if tell_others and (requeued or later is not None):
-            self._notify(conn, requeued, later)
+        if not any(o.state.is_final or o.release for o in outcomes):
+            rows = conn.execute(self.sql(REPORT), params).fetchall()
+            requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
+            if tell_others and (requeued or later is not None):
+                self._notify(conn, requeued, later)
+            return [row[0] for row in rows]
+        with conn.transaction():
+            rows = conn.execute(self.sql(REPORT), params).fetchall()
+            requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
+            ended = [(job_id, State(state)) for job_id, state, _, _ in rows
+                     if State(state).is_final]  # fmt: skip
+            freed = {tenant for _, state, tenant, kind in rows
+                     if kind == Kind.BATCH and State(state).is_final}  # fmt: skip
+            requeued |= self._settle(conn, ended, freed, now)
+            if tell_others and (requeued or later is not None):
+                self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
     async def renew(self, owner: str, lease_until: float) -> list[JobId]:
@@ -778,7 +1052,8 @@ class PostgresStore:
             if not expired:
                 return recovered
             params: dict[str, list[Any]] = {"id": [], "state": [], "error": [], "finished_at": []}
-            for job_id, attempts, expiries, abort_requested in expired:
+            freed: set[str] = set()
+            for job_id, attempts, expiries, abort_requested, kind, tenant in expired:
                 error = lease_error(attempts, expiries + 1, max_lease_expiries, now)
                 if abort_requested:
                     target, bucket = State.ABORTED, recovered.aborted
@@ -791,8 +1066,13 @@ class PostgresStore:
                 params["error"].append(dumps(error, "error"))
                 params["finished_at"].append(now if target.is_final else None)
                 bucket.append(job_id)
+                if kind == Kind.BATCH and target.is_final:
+                    freed.add(tenant)
             conn.execute(self.sql(RECOVER), params)
-            if recovered.requeued:
+            ended = [(job_id, State.FAILED) for job_id in recovered.failed]
+            ended += [(job_id, State.ABORTED) for job_id in recovered.aborted]
+            ready = self._settle(conn, ended, freed, now)
+            if recovered.requeued or ready:
                 self._notify(conn, None, None)
         return recovered
 
@@ -809,6 +1089,14 @@ class PostgresStore:
     def _request_abort(self, conn: Connection, job_id: JobId, now: float) -> State:
         with conn.transaction():
             row = conn.execute(
+                self.sql("SELECT kind, tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            ).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            kind, tenant = row
+            if kind == Kind.BATCH:  # before its row: an admission may be waiting for that
+                self._lock_tenants(conn, {tenant})
+            row = conn.execute(
                 self.sql("SELECT state FROM {s}.flexq_jobs WHERE id = %s FOR UPDATE"), (job_id,)
             ).fetchone()
             if row is None:
@@ -824,10 +1112,17 @@ class PostgresStore:
             conn.execute(
                 self.sql(
                     "UPDATE {s}.flexq_jobs SET state = 'ABORTED', abort_requested = true,"
-                    " finished_at = %s WHERE id = %s"
+                    " finished_at = %s, position = NULL WHERE id = %s"
                 ),
                 (now, job_id),
             )
+            if state is State.WAITING:
+                conn.execute(
+                    self.sql("DELETE FROM {s}.flexq_dependencies WHERE child_id = %s"), (job_id,)
+                )
+            freed = {tenant} if kind == Kind.BATCH and state in ACTIVE_BATCH_STATES else set()
+            if self._settle(conn, [(job_id, State.ABORTED)], freed, now):
+                self._notify(conn, None, None)
         return State.ABORTED
 
     async def set_progress(self, owner: str, job_id: JobId, progress: str) -> bool:
@@ -873,8 +1168,8 @@ class PostgresStore:
         return await self._run(self._prune, finished_before, limit)
 
     def _prune(self, conn: Connection, finished_before: float, limit: int) -> int:
-        cursor = conn.execute(self.sql(PRUNE), {"before": finished_before, "limit": limit})
-        return cursor.rowcount
+        row = conn.execute(self.sql(PRUNE), {"before": finished_before, "limit": limit}).fetchone()
+        return int(row[0]) if row else 0
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -885,14 +1180,14 @@ class PostgresStore:
         return conn.execute(sql, params).fetchall()
 
     async def get(self, job_id: JobId) -> JobInfo:
-        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = %s")
+        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s")
         rows = await self._read(sql, (job_id,))
         if not rows:
             raise JobNotFound(job_id)
         return _info(rows[0])
 
     async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
-        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE id = ANY(%s::text[])")
+        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = ANY(%s::text[])")
         rows = await self._read(sql, (list(dict.fromkeys(job_ids)),))
         return [_info(row) for row in rows]
 
@@ -910,6 +1205,585 @@ class PostgresStore:
         )
         rows = await self._read(sql, params)
         return {State(state): count for state, count in rows}
+
+    # -- batch jobs, the holding queue and active slots -------------------------------------
+
+    def set_limits(self, limits: LimitTable) -> None:
+        self._limits = limits
+
+    def _lock_tenants(self, conn: Connection, tenants: Collection[str]) -> None:
+        """Hold the tenants' slot and holding-queue locks until the transaction ends."""
+        if tenants:
+            params = {"prefix": self._lock_prefix, "tenants": sorted(tenants)}
+            conn.execute(self.sql(LOCK_TENANTS), params)
+
+    def _usage(self, conn: Connection, tenant: str) -> tuple[int, int]:
+        row = conn.execute(self.sql(USAGE), {"tenant": tenant}).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    def _add_batches(self, conn: Connection, job_ids: list[JobId]) -> None:
+        """The (empty) chunk counts of new batch jobs."""
+        if job_ids:
+            sql = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%s::text[])"
+            conn.execute(self.sql(sql), (job_ids,))
+
+    def _hold(self, conn: Connection, tenant: str, job_ids: list[JobId]) -> None:
+        """Put jobs at the end of the (locked) tenant's holding queue, in this order."""
+        params = {"tenant": tenant, "step": HOLDING_STEP, "ids": job_ids}
+        conn.execute(self.sql(HOLD), params)
+
+    def _hold_new(self, conn: Connection, held: Mapping[str, list[JobId]]) -> None:
+        """Put new batch jobs in their (locked) tenants' holding queues and admit what the free
+        slots take; raise LimitExceeded if a holding queue is then longer than its limit."""
+        for tenant, job_ids in held.items():
+            self._hold(conn, tenant, job_ids)
+        for tenant in held:
+            limits = self._limits(tenant)
+            holding, active = self._usage(conn, tenant)
+            free = max(0, limits.max_active_batches - active)
+            if holding - min(free, holding) > limits.max_holding:
+                raise holding_full(tenant, limits.max_holding)
+        self._admit(conn, held)
+
+    def _admit(self, conn: Connection, tenants: Collection[str]) -> set[str]:
+        """Admit the (locked) tenants' first HOLDING jobs into their free active slots; return
+        the tenants that got some."""
+        if not tenants:
+            return set()
+        ordered = sorted(tenants)
+        params = {
+            "tenants": ordered,
+            "slots": [self._limits(tenant).max_active_batches for tenant in ordered],
+        }
+        return {tenant for (tenant,) in conn.execute(self.sql(ADMIT), params)}
+
+    def _settle(
+        self, conn: Connection, ended: list[tuple[JobId, State]], freed: set[str], now: float
+    ) -> set[str]:
+        """After jobs ended, in their transaction: release or abort their dependants, then put
+        released batch jobs in their holding queues and fill the free slots of ``freed``
+        tenants (whose batch jobs ended) and of those. Returns the tenants that got QUEUED
+        jobs."""
+        held, ready = self._release_dependants(conn, ended, now) if ended else ({}, set())
+        tenants = freed | held.keys()
+        self._lock_tenants(conn, tenants)
+        for tenant in sorted(held):
+            self._hold(conn, tenant, held[tenant])
+        return ready | self._admit(conn, tenants)
+
+    async def admit(self, now: float) -> list[str]:
+        return await self._run(self._admit_all)
+
+    def _admit_all(self, conn: Connection) -> list[str]:
+        rows = conn.execute(self.sql(HOLDING_TENANTS)).fetchall()
+        tenants = {t for t, active in rows if active < self._limits(t).max_active_batches}
+        if not tenants:
+            return []  # the usual case: nothing locked, nothing written
+        with conn.transaction():
+            self._lock_tenants(conn, tenants)
+            admitted = self._admit(conn, tenants)
+            if admitted:
+                self._notify(conn, admitted, None)
+        return sorted(admitted)
+
+    async def holding_order(self, tenant: str) -> list[JobId]:
+        sql = self.sql(
+            "SELECT id FROM {s}.flexq_jobs WHERE tenant = %s AND state = 'HOLDING'"
+            " ORDER BY position"
+        )
+        return [job_id for (job_id,) in await self._read(sql, (tenant,))]
+
+    async def reorder(self, job_id: JobId, placement: Placement) -> bool:
+        return await self._run(self._reorder, job_id, placement)
+
+    def _reorder(self, conn: Connection, job_id: JobId, placement: Placement) -> bool:
+        with conn.transaction():
+            row = conn.execute(
+                self.sql("SELECT tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            ).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            self._lock_tenants(conn, {row[0]})
+            tenant, position = self._holding_row(conn, job_id)
+            low, high = self._bounds(conn, tenant, job_id, placement)
+            if (low is None or low < position) and (high is None or position < high):
+                return False
+            new = _between(low, high)
+            if new is None:
+                conn.execute(
+                    self.sql(
+                        "WITH ranked AS (SELECT seq, row_number() OVER (ORDER BY position) AS n"
+                        " FROM {s}.flexq_jobs WHERE tenant = %s AND state = 'HOLDING')"
+                        " UPDATE {s}.flexq_jobs AS j SET position = ranked.n * %s FROM ranked"
+                        " WHERE j.seq = ranked.seq"
+                    ),
+                    (tenant, HOLDING_STEP),
+                )
+                low, high = self._bounds(conn, tenant, job_id, placement)
+                new = _between(low, high)
+            conn.execute(
+                self.sql("UPDATE {s}.flexq_jobs SET position = %s WHERE id = %s"), (new, job_id)
+            )
+            return True
+
+    def _holding_row(self, conn: Connection, job_id: JobId) -> tuple[str, float]:
+        found = conn.execute(
+            self.sql("SELECT tenant, state, position FROM {s}.flexq_jobs WHERE id = %s"),
+            (job_id,),
+        ).fetchone()
+        if found is None:
+            raise JobNotFound(job_id)
+        if found[1] != State.HOLDING:
+            raise NotHolding(job_id, found[1])
+        return found[0], found[2]
+
+    def _bounds(
+        self, conn: Connection, tenant: str, job_id: JobId, placement: Placement
+    ) -> tuple[float | None, float | None]:
+        """The positions (of the other HOLDING jobs) between which the job is to go."""
+        others = (
+            "SELECT position FROM {s}.flexq_jobs"
+            " WHERE tenant = %(tenant)s AND state = 'HOLDING' AND id <> %(id)s"
+        )
+
+        def one(sql: str, **params: Any) -> float | None:
+            found = conn.execute(self.sql(sql), {"tenant": tenant, "id": job_id, **params})
+            row = found.fetchone()
+            return None if row is None else float(row[0])
+
+        if placement.to == "front":
+            return None, one(others + " ORDER BY position LIMIT 1")
+        if placement.to == "end":
+            return one(others + " ORDER BY position DESC LIMIT 1"), None
+        if placement.to == "index":
+            low = None
+            if placement.place > 0:
+                low = one(others + " ORDER BY position LIMIT 1 OFFSET %(skip)s",
+                          skip=placement.place - 1)  # fmt: skip
+                if low is None:
+                    return one(others + " ORDER BY position DESC LIMIT 1"), None
+                return low, one(others + " AND position > %(low)s ORDER BY position LIMIT 1",
+                                low=low)  # fmt: skip
+            return None, one(others + " ORDER BY position LIMIT 1")
+        other = placement.other or ""
+        other_tenant, anchor = self._holding_row(conn, other)
+        if other_tenant != tenant:
+            raise InvalidArguments(
+                f"job {other!r} is in tenant {other_tenant!r}'s holding queue, not {tenant!r}'s"
+            )
+        if other == job_id:
+            raise InvalidArguments(f"cannot move job {job_id!r} {placement.to} itself")
+        if placement.to == "before":
+            before = " AND position < %(anchor)s ORDER BY position DESC LIMIT 1"
+            return one(others + before, anchor=anchor), anchor
+        return anchor, one(others + " AND position > %(anchor)s ORDER BY position LIMIT 1",
+                           anchor=anchor)  # fmt: skip
+
+    async def usage(self, tenant: str) -> tuple[int, int]:
+        rows = await self._read(self.sql(USAGE), {"tenant": tenant})
+        return rows[0][0], rows[0][1]
+
+    async def wait_facts(self, job_id: JobId) -> WaitFacts:
+        return await self._run(self._wait_facts, job_id)
+
+    def _wait_facts(self, conn: Connection, job_id: JobId) -> WaitFacts:
+        with conn.transaction():
+            found = conn.execute(
+                self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s"), (job_id,)
+            ).fetchone()
+            if found is None:
+                raise JobNotFound(job_id)
+            info = _info(found)
+            holding, active = self._usage(conn, info.tenant)
+            position = ready_ahead = tenants_ahead = 0
+            if info.state is State.HOLDING:
+                row = conn.execute(
+                    self.sql(
+                        "SELECT count(*) FROM {s}.flexq_jobs"
+                        " WHERE tenant = %s AND state = 'HOLDING'"
+                        " AND position < (SELECT position FROM {s}.flexq_jobs WHERE id = %s)"
+                    ),
+                    (info.tenant, job_id),
+                ).fetchone()
+                position = row[0] if row else 0
+            if info.state is State.QUEUED:
+                row = conn.execute(
+                    self.sql(
+                        "SELECT count(*) FROM {s}.flexq_jobs"
+                        " WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = %s"
+                        " AND (-priority, kind_rank, seq) < (%s, %s, %s)"
+                    ),
+                    (info.tenant, -info.priority, info.kind.rank, found[0]),
+                ).fetchone()
+                ready_ahead = row[0] if row else 0
+                row = conn.execute(self.sql(QUEUED_TENANTS), {"tenant": info.tenant}).fetchone()
+                tenants_ahead = row[0] if row else 0
+            pauses = conn.execute(
+                self.sql("SELECT scope, name, since FROM {s}.flexq_pauses"
+                         " ORDER BY since, scope, name")
+            ).fetchall()  # fmt: skip
+        return WaitFacts(
+            info=info,
+            holding_position=position if info.state is State.HOLDING else None,
+            holding=holding,
+            active_batches=active,
+            ready_ahead=ready_ahead,
+            tenants_ahead=tenants_ahead,
+            pauses=tuple(
+                Pause(PauseScope(scope), name, timestamp_to_datetime(since))
+                for scope, name, since in pauses
+            ),
+        )
+
+    async def begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
+        return await self._run(self._begin_batch, owner, job_id)
+
+    def _begin_batch(self, conn: Connection, owner: str, job_id: JobId) -> BatchCounts | None:
+        with conn.transaction():
+            row = conn.execute(
+                self.sql(
+                    f"SELECT {_COUNTS} FROM {{s}}.flexq_batches WHERE job_id = %(id)s"
+                    f" AND EXISTS (SELECT FROM {{s}}.flexq_jobs WHERE {_HELD} FOR UPDATE)"
+                ),
+                {"id": job_id, "owner": owner},
+            ).fetchone()
+            if row is None:
+                return None
+            counts = BatchCounts(row[0], *row[1:])
+            if counts.prepared:
+                conn.execute(
+                    self.sql(
+                        "UPDATE {s}.flexq_jobs SET state = 'PROCESSING'"
+                        " WHERE id = %s AND state = 'PREPARING'"
+                    ),
+                    (job_id,),
+                )
+                return counts
+            conn.execute(self.sql("DELETE FROM {s}.flexq_chunks WHERE job_id = %s"), (job_id,))
+        return NO_BATCH_COUNTS
+
+    async def add_chunks(
+        self, owner: str, job_id: JobId, first: int, chunks: Sequence[tuple[int, str]]
+    ) -> bool:
+        params = {
+            "id": job_id, "owner": owner, "first": first,
+            "sizes": [size for size, _ in chunks], "items": [items for _, items in chunks],
+        }  # fmt: skip
+        rows = await self._run(self._select, self.sql(ADD_CHUNKS), params)
+        return bool(rows[0][0])
+
+    async def end_preparing(
+        self, owner: str, job_id: JobId, total_items: int, chunks_total: int
+    ) -> bool:
+        params = {
+            "id": job_id, "owner": owner, "total_items": total_items,
+            "chunks_total": chunks_total,
+        }  # fmt: skip
+        return bool(await self._run(self._select, self.sql(END_PREPARING), params))
+
+    async def pending_chunks(self, job_id: JobId, after: int, limit: int) -> list[tuple[int, str]]:
+        sql = self.sql(
+            "SELECT idx, items FROM {s}.flexq_chunks"
+            f" WHERE job_id = %s AND idx > %s AND status = {CHUNK_PENDING} ORDER BY idx LIMIT %s"
+        )
+        return [(idx, items) for idx, items in await self._read(sql, (job_id, after, limit))]
+
+    async def checkpoint(self, owner: str, job_id: JobId, done: Sequence[ChunkDone]) -> bool:
+        params = {
+            "id": job_id, "owner": owner, "chunk": [d.chunk for d in done],
+            "items": [d.items for d in done], "error": [d.error for d in done],
+        }  # fmt: skip
+        rows = await self._run(self._select, self.sql(CHECKPOINT), params)
+        return bool(rows[0][0])
+
+    async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        return await self._run(self._batch_summary, job_id)
+
+    def _batch_summary(
+        self, conn: Connection, job_id: JobId
+    ) -> tuple[BatchCounts, list[tuple[int, str]]]:
+        with conn.transaction():
+            found = conn.execute(
+                self.sql(f"SELECT {_COUNTS} FROM {{s}}.flexq_batches WHERE job_id = %s"),
+                (job_id,),
+            ).fetchone()
+            if found is None:
+                raise JobNotFound(job_id)
+            errors = conn.execute(
+                self.sql(
+                    "SELECT idx, error FROM {s}.flexq_chunks"
+                    f" WHERE job_id = %s AND status = {CHUNK_FAILED} ORDER BY idx"
+                ),
+                (job_id,),
+            ).fetchall()
+        return BatchCounts(found[0], *found[1:]), [(idx, error) for idx, error in errors]
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord, now: float) -> ScheduleRecord:
+        values = (
+            schedule.name, schedule.tenant, schedule.cron, schedule.timezone, schedule.task,
+            schedule.args, schedule.kwargs, schedule.misfire, schedule.reserve, schedule.state,
+            schedule.next_fire_time, now,
+        )  # fmt: skip
+        rows = await self._run(self._select, self.sql(PUT_SCHEDULE), values)
+        return _schedule(rows[0])
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        sql = self.sql(f"SELECT {_SCHEDULE_COLUMNS} FROM {{s}}.flexq_schedules WHERE name = %s")
+        rows = await self._read(sql, (name,))
+        return _schedule(rows[0]) if rows else None
+
+    async def list_schedules(self, tenant: str | None) -> list[ScheduleRecord]:
+        sql = f"SELECT {_SCHEDULE_COLUMNS} FROM {{s}}.flexq_schedules"
+        params: tuple[str, ...] = ()
+        if tenant is not None:
+            sql, params = sql + " WHERE tenant = %s", (tenant,)
+        rows = await self._read(self.sql(sql + " ORDER BY name"), params)
+        return [_schedule(row) for row in rows]
+
+    async def due_schedules(
+        self, tasks: Collection[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        return await self._run(self._due_schedules, sorted(tasks), now)
+
+    def _due_schedules(
+        self, conn: Connection, tasks: list[str], now: float
+    ) -> tuple[list[ScheduleRecord], float | None]:
+        params = {"now": now, "tasks": tasks}
+        due = conn.execute(self.sql(DUE_SCHEDULES), params).fetchall()
+        later = conn.execute(self.sql(NEXT_SCHEDULE), params).fetchone()
+        return [_schedule(row) for row in due], later[0] if later else None
+
+    async def fire_schedule(
+        self,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: Sequence[NewJob],
+        now: float,
+    ) -> bool:
+        return await self._run(self._fire_schedule, name, revision, firing, list(jobs), now)
+
+    def _fire_schedule(
+        self,
+        conn: Connection,
+        name: str,
+        revision: int,
+        firing: ScheduleFiring,
+        jobs: list[NewJob],
+        now: float,
+    ) -> bool:
+        values = (
+            firing.next_fire_time, firing.previous_fire_time, len(jobs), firing.last_job_id,
+            name, revision,
+        )  # fmt: skip
+        with conn.transaction():
+            if conn.execute(self.sql(FIRE_SCHEDULE), values).rowcount == 0:
+                return False
+            self._insert(conn, jobs, now)
+        return True
+
+    async def set_schedule_state(
+        self, name: str, revision: int, state: str, next_fire_time: float | None
+    ) -> ScheduleRecord | None:
+        sql = self.sql(
+            "UPDATE {s}.flexq_schedules SET state = %s, next_fire_time = %s,"
+            " revision = revision + 1"
+            f" WHERE name = %s AND revision = %s RETURNING {_SCHEDULE_COLUMNS}"
+        )
+        rows = await self._run(self._select, sql, (state, next_fire_time, name, revision))
+        return _schedule(rows[0]) if rows else None
+
+    async def delete_schedule(self, name: str) -> bool:
+        sql = self.sql("DELETE FROM {s}.flexq_schedules WHERE name = %s RETURNING name")
+        return bool(await self._run(self._select, sql, (name,)))
+
+    # -- dependencies and chains -------------------------------------------------------------
+
+    async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
+        return await self._run(self._enqueue_dependent, list(jobs), now)
+
+    def _enqueue_dependent(
+        self, conn: Connection, jobs: list[DependentJob], now: float
+    ) -> list[JobId]:
+        with conn.transaction():
+            self._lock_tenants(conn, {d.job.tenant for d in jobs if d.job.kind is Kind.BATCH})
+            # Shared locks: a parent cannot end (and miss the edges added here) before this
+            # transaction commits, nor this transaction miss that it ended.
+            parents = sorted({parent for dependent in jobs for parent in dependent.parents})
+            states: dict[JobId, State] = {
+                job_id: State(state)
+                for job_id, state in conn.execute(
+                    self.sql(
+                        "SELECT id, state FROM {s}.flexq_jobs WHERE id = ANY(%s::text[])"
+                        " ORDER BY id FOR SHARE"
+                    ),
+                    (parents,),
+                )
+            }
+            new: list[NewJob] = []
+            new_states: list[State] = []
+            edges: list[tuple[JobId, JobId, str]] = []
+            aborted: list[tuple[JobId, str]] = []
+            held: dict[str, list[JobId]] = {}
+            for dependent in jobs:
+                job = dependent.job
+                waiting: list[JobId] = []
+                failed: tuple[JobId, State] | None = None
+                for parent in dependent.parents:
+                    parent_state = states.get(parent)
+                    if parent_state is None:
+                        raise JobNotFound(parent)
+                    if not parent_state.is_final:
+                        waiting.append(parent)
+                    elif (
+                        parent_state is not State.COMPLETED
+                        and dependent.on_parent_failure == "abort"
+                    ):
+                        failed = failed or (parent, parent_state)
+                state = _initial_state(job, now)
+                if failed is not None:
+                    state = State.ABORTED
+                    error = parent_failed_error(failed[0], failed[1], now)
+                    aborted.append((job.id, dumps(error, "error")))
+                elif waiting:
+                    state = State.WAITING
+                    policy = dependent.on_parent_failure
+                    edges.extend((parent, job.id, policy) for parent in waiting)
+                elif state is State.HOLDING:
+                    held.setdefault(job.tenant, []).append(job.id)
+                new.append(job)
+                new_states.append(state)
+                states[job.id] = state
+            conn.execute(self.sql(_INSERT), _insert_params(new, now, new_states))
+            self._add_batches(conn, [job.id for job in new if job.kind is Kind.BATCH])
+            self._hold_new(conn, held)
+            if edges:
+                conn.execute(
+                    self.sql(
+                        "INSERT INTO {s}.flexq_dependencies (parent_id, child_id,"
+                        " on_parent_failure) SELECT * FROM unnest(%s::text[], %s::text[],"
+                        " %s::text[]) ON CONFLICT DO NOTHING"
+                    ),
+                    ([e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges]),
+                )
+            if aborted:
+                conn.execute(
+                    self.sql(
+                        "UPDATE {s}.flexq_jobs AS j SET finished_at = %(now)s,"
+                        " errors = '[' || v.error || ']'"
+                        " FROM unnest(%(id)s::text[], %(error)s::text[]) AS v(id, error)"
+                        " WHERE j.id = v.id"
+                    ),
+                    {"now": now, "id": [a[0] for a in aborted], "error": [a[1] for a in aborted]},
+                )
+            ready = {job.tenant for job, state in zip(new, new_states, strict=True)
+                     if state is State.QUEUED}  # fmt: skip
+            if ready and self._tell_others(len(ready)):
+                self._notify(conn, ready, None)
+        return [dependent.job.id for dependent in jobs]
+
+    def _release_dependants(
+        self, conn: Connection, finished: list[tuple[JobId, State]], now: float
+    ) -> tuple[dict[str, list[JobId]], set[str]]:
+        """Release or abort the WAITING dependants of jobs that just became final.
+
+        A dependant with no parent left becomes QUEUED (SCHEDULED until its run_at); one whose
+        parent failed ends ABORTED with an error naming the parent (unless its policy is
+        "run"), and its own dependants are dealt with in turn. Returns the released batch jobs
+        by tenant, in the order they join their holding queues (the caller locks the tenants
+        and puts them there, even in a full one), and the tenants that got QUEUED jobs.
+        """
+        held: dict[str, list[JobId]] = {}
+        ready: set[str] = set()
+        while finished:
+            states = dict(finished)
+            finished = []
+            edges = conn.execute(self.sql(RELEASE_EDGES), (list(states),)).fetchall()
+            if not edges:
+                break
+            children = sorted({child for _, child, _ in edges})
+            # Locked before their remaining edges are read: of two transactions that end two
+            # parents of one child, the second sees the first's deleted edge.
+            conn.execute(
+                self.sql(
+                    "SELECT 1 FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+                ),
+                (children,),
+            )
+            failed_parent: dict[JobId, JobId] = {}
+            for parent, child, policy in sorted(edges):
+                if states[parent] is not State.COMPLETED and policy == "abort":
+                    failed_parent.setdefault(child, parent)
+            if failed_parent:
+                ids = sorted(failed_parent)
+                conn.execute(
+                    self.sql("DELETE FROM {s}.flexq_dependencies WHERE child_id = ANY(%s)"),
+                    (ids,),
+                )
+                errors = [
+                    dumps(parent_failed_error(failed_parent[c], states[failed_parent[c]], now),
+                          "error")
+                    for c in ids
+                ]  # fmt: skip
+                rows = conn.execute(
+                    self.sql(ABORT_WAITING), {"id": ids, "error": errors, "now": now}
+                ).fetchall()
+                finished += [(job_id, State.ABORTED) for (job_id,) in rows]
+            released = [child for child in children if child not in failed_parent]
+            if released:
+                rows = conn.execute(
+                    self.sql(RELEASE_WAITING), {"ids": released, "now": now}
+                ).fetchall()
+                for job_id, tenant, kind, state in sorted(rows):
+                    if kind == Kind.BATCH:
+                        held.setdefault(tenant, []).append(job_id)
+                    elif state == State.QUEUED:
+                        ready.add(tenant)
+        return held, ready
+
+    async def waiting_for(self, job_id: JobId) -> list[JobId]:
+        return await self._run(self._waiting_for, job_id)
+
+    def _waiting_for(self, conn: Connection, job_id: JobId) -> list[JobId]:
+        with conn.transaction():
+            if not conn.execute(
+                self.sql("SELECT 1 FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            ).fetchone():
+                raise JobNotFound(job_id)
+            rows = conn.execute(
+                self.sql(
+                    "SELECT parent_id FROM {s}.flexq_dependencies WHERE child_id = %s"
+                    " ORDER BY parent_id"
+                ),
+                (job_id,),
+            ).fetchall()
+        return [parent_id for (parent_id,) in rows]
+
+    async def claim_jobs(
+        self,
+        owner: str,
+        job_ids: Collection[JobId],
+        tasks: Collection[str],
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedJob]:
+        if not job_ids or not tasks:
+            return []
+        params = {
+            "ids": list(job_ids), "tasks": sorted(tasks), "now": now, "owner": owner,
+            "lease_until": lease_until,
+        }  # fmt: skip
+        rows = await self._run(self._select, self.sql(CLAIM_JOBS), params)
+        return sorted(map(_claimed, rows), key=_by_order)
+
+    async def chain(self, job_id: JobId) -> list[JobInfo]:
+        rows = await self._read(self.sql(CHAIN), {"id": job_id})
+        if not rows:
+            raise JobNotFound(job_id)
+        return [_info(row) for row in rows]
 
 
 class _Listener:
@@ -1030,17 +1904,33 @@ def _parse_payload(payload: str) -> tuple[list[str] | None, float | None]:
         return None, None
 
 
+def _plain(job: NewJob) -> bool:
+    """Whether the job is inserted as it is: no key to look up, no holding queue to join."""
+    return job.key is None and job.kind is not Kind.BATCH
+
+
+def _initial_state(job: NewJob, now: float) -> State:
+    """The state a new job enters (a batch job HOLDING, until it has a place and a slot)."""
+    if job.kind is Kind.BATCH:
+        return State.HOLDING
+    return State.QUEUED if job.run_at <= now else State.SCHEDULED
+
+
 def _insert_one_params(job: NewJob, now: float) -> dict[str, Any]:
     return {
         "now": now, "id": job.id, "task": job.task, "kind": str(job.kind),
         "kind_rank": job.kind.rank, "tenant": job.tenant, "priority": job.priority,
-        "state": str(State.QUEUED if job.run_at <= now else State.SCHEDULED), "args": job.args,
+        "state": str(_initial_state(job, now)), "args": job.args,
         "kwargs": job.kwargs, "max_attempts": job.max_attempts, "timeout": job.timeout,
         "run_at": job.run_at, "parent_id": job.parent_id, "key": job.key,
     }  # fmt: skip
 
 
-def _insert_params(jobs: Sequence[NewJob], now: float) -> dict[str, Any]:
+def _insert_params(
+    jobs: Sequence[NewJob], now: float, states: Sequence[State] | None = None
+) -> dict[str, Any]:
+    if states is None:
+        states = [_initial_state(job, now) for job in jobs]
     return {
         "now": now,
         "id": [job.id for job in jobs],
@@ -1049,7 +1939,7 @@ def _insert_params(jobs: Sequence[NewJob], now: float) -> dict[str, Any]:
         "kind_rank": [job.kind.rank for job in jobs],
         "tenant": [job.tenant for job in jobs],
         "priority": [job.priority for job in jobs],
-        "state": [str(State.QUEUED if job.run_at <= now else State.SCHEDULED) for job in jobs],
+        "state": [str(state) for state in states],
         "args": [job.args for job in jobs],
         "kwargs": [job.kwargs for job in jobs],
         "max_attempts": [job.max_attempts for job in jobs],
@@ -1079,7 +1969,7 @@ def select_jobs(where: JobFilter, after_seq: int | None) -> tuple[str, list[Any]
         clause += " AND seq > %s"
         params.append(after_seq)
     order = "ORDER BY seq LIMIT %s OFFSET %s"
-    return f"SELECT {_INFO_COLUMNS} FROM {{s}}.flexq_jobs WHERE {clause} {order}", params
+    return f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE {clause} {order}", params
 
 
 def _where(where: JobFilter) -> tuple[str, list[Any]]:
@@ -1107,4 +1997,26 @@ def _info(row: tuple[Any, ...]) -> JobInfo:
         args=row[7], kwargs=row[8], attempts=row[9], max_attempts=row[10], created_at=row[11],
         run_at=row[12], started_at=row[13], finished_at=row[14], result=row[15], errors=row[16],
         parent_id=row[17], key=row[18], progress=row[19], abort_requested=row[20],
+        batch=None if row[21] is None else BatchCounts(row[21], *row[22:27]),
+    )  # fmt: skip
+
+
+def _between(low: float | None, high: float | None) -> float | None:
+    """A position strictly between two (None: open end), or None if the gap is too small."""
+    if low is None and high is None:
+        return HOLDING_STEP
+    if low is None:
+        return high - HOLDING_STEP  # type: ignore[operator]
+    if high is None:
+        return low + HOLDING_STEP
+    middle = (low + high) / 2
+    return middle if low < middle < high else None
+
+
+def _schedule(row: tuple[Any, ...]) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row[0], tenant=row[1], cron=row[2], timezone=row[3], task=row[4], args=row[5],
+        kwargs=row[6], misfire=row[7], reserve=row[8], state=row[9],
+        next_fire_time=row[10], previous_fire_time=row[11], times_triggered=row[12],
+        last_job_id=row[13], revision=row[14], created_at=row[15],
     )  # fmt: skip
