@@ -6,12 +6,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 
 import flexq
-from flexq import DuplicateJob, FlexqError, InvalidArguments, JobNotFound, State, StoreError
+from flexq import (
+    DuplicateJob,
+    FlexqError,
+    InvalidArguments,
+    JobNotFound,
+    LimitExceeded,
+    Limits,
+    State,
+    StoreError,
+)
+from flexq._limits import LimitTable
+from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
+from flexq._store.base import ACTIVE_BATCH_STATES, EnqueueUnit, JobFilter, Outcome
 from flexq._store.postgres import PostgresStore
 from flexq._store.url import store_from_url
 
@@ -359,6 +372,34 @@ async def check_enqueue_in_transaction(pg_schema: str, kind: str) -> None:
     assert ran == [3]
 
 
+@pytest.mark.parametrize(
+    ("kind", "anyio_backend"), [("sync", "asyncio"), ("sync", "trio"), ("async", "asyncio")]
+)
+async def test_batch_jobs_enqueued_in_the_applications_transaction_join_the_holding_queue(
+    pg_store: PostgresStore, kind: str
+) -> None:
+    """Batch jobs written in the application's transaction take a free slot or their place in
+    the holding queue when it commits; one that overflows the holding queue is refused and
+    leaves the transaction usable."""
+    pg_store.set_limits(LimitTable(Limits(max_active_batches=1, max_holding=1)))
+    conn = await open_app_connection(kind)
+    results = [
+        await pg_store.enqueue_in(conn, EnqueueUnit([job(job_id, kind=Kind.BATCH)], "raise"), T0)
+        for job_id in ("b1", "b2", "b3")
+    ]
+    assert results[:2] == [["b1"], ["b2"]]
+    assert isinstance(results[2], LimitExceeded)
+    assert await pg_store.usage("acme") == (0, 0)  # not committed yet
+    await finish(conn, "commit")
+    assert await pg_store.usage("acme") == (1, 1)
+    assert await pg_store.holding_order("acme") == ["b2"]
+    assert (await pg_store.get("b1")).state is State.QUEUED
+    counts, errors = await pg_store.batch_summary("b2")
+    assert (counts.prepared, errors) == (False, [])
+    with pytest.raises(JobNotFound):
+        await pg_store.get("b3")
+
+
 async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:
     """Other stores refuse connection= rather than write outside the caller's transaction."""
     queue = make_queue("memory://")
@@ -370,3 +411,71 @@ async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:
     async with queue:
         with pytest.raises(InvalidArguments):
             await queue.enqueue(t, connection=object())
+
+
+async def test_two_processes_never_fill_a_sixth_batch_slot(pg_schema: str) -> None:
+    """Two stores (two processes' connections) enqueue, claim and complete batch jobs of one
+    tenant at once; it never has more than its 5 batch jobs active, and all of them run."""
+    limits = LimitTable(Limits(max_active_batches=5, max_holding=1000))
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        store.set_limits(limits)
+        await store.open()
+    active = (
+        f'SELECT count(*) FROM "{pg_schema}".flexq_jobs'
+        " WHERE tenant = 'acme' AND kind = 'batch' AND state = ANY(%s)"
+    )
+    seen: list[int] = []
+    per_store = 100
+
+    async def check(store: PostgresStore) -> None:
+        seen.append((await store.usage("acme"))[1])
+
+    async def complete(store: PostgresStore, owner: str, job_id: str) -> None:
+        written = await store.report(owner, [Outcome(job_id, State.COMPLETED, "null")], T0)
+        assert written == [job_id]
+        await check(store)
+
+    async def churn(store: PostgresStore, owner: str) -> None:
+        mine: list[str] = []
+        for n in range(per_store):
+            await put(store, job(f"{owner}-{n}", kind=Kind.BATCH))
+            await check(store)
+            claimed = await store.claim(owner, {"acme": 5}, TASKS, T0, T0 + 600)
+            mine += [c.id for c in claimed]
+            while len(mine) > 2:  # keep some slots busy: the limit binds
+                await complete(store, owner, mine.pop(0))
+        while True:
+            mine += [c.id for c in await store.claim(owner, {"acme": 5}, TASKS, T0, T0 + 600)]
+            if not mine:
+                if (await store.counts(JobFilter(tenant="acme"))).get(State.COMPLETED) == 2 * (
+                    per_store
+                ):
+                    return
+                await anyio.sleep(0.01)  # the other store still holds some
+                continue
+            await complete(store, owner, mine.pop(0))
+
+    async def watch(done: anyio.Event) -> None:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            while not done.is_set():
+                row = conn.execute(active, (sorted(ACTIVE_BATCH_STATES),)).fetchone()
+                seen.append(row[0] if row else 0)
+                await anyio.lowlevel.checkpoint()
+
+    try:
+        done = anyio.Event()
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(watch, done)
+            async with anyio.create_task_group() as group:
+                group.start_soon(churn, stores[0], "one")
+                group.start_soon(churn, stores[1], "two")
+            done.set()
+        counts = await stores[0].counts(JobFilter(tenant="acme"))
+        usage = await stores[1].usage("acme")
+    finally:
+        for store in stores:
+            await store.close()
+    assert max(seen) == 5, "the slots never filled up: the test raced nothing"
+    assert counts == {State.COMPLETED: 2 * per_store}
+    assert usage == (0, 0)

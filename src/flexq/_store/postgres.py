@@ -80,7 +80,7 @@ from flexq._store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping, Sequence
+    from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -367,6 +367,9 @@ a job into a holding queue, moves one in it or out of it, or ends a batch job in
 holds its tenant's lock when it counts and admits: two processes never both admit into the last
 free slot."""
 
+_ADD_BATCHES = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%s::text[])"
+"""The (empty) chunk counts of new batch jobs."""
+
 USAGE = f"""
 SELECT
     (SELECT count(*) FROM {{s}}.flexq_jobs WHERE tenant = %(tenant)s AND state = 'HOLDING'),
@@ -397,7 +400,7 @@ chosen AS (
     ) AS h
 )
 UPDATE {{s}}.flexq_jobs AS j SET state = 'QUEUED', position = NULL
-WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen)) AND j.state = 'HOLDING'
 RETURNING j.tenant"""
 """Move each tenant's first HOLDING jobs into its free active slots (``slots`` of them in
 all); the tenants must be locked."""
@@ -843,7 +846,7 @@ class PostgresStore:
                 unkeyed = []
                 try:
                     with conn.transaction():
-                        results.append(self._insert_keyed(conn, unit, now))
+                        results.append(_run_steps(conn, self._insert_keyed(unit, now)))
                 except (DuplicateJob, LimitExceeded) as refused:
                     results.append(refused)
             self._insert(conn, unkeyed, now)
@@ -855,28 +858,32 @@ class PostgresStore:
         if jobs:
             conn.execute(self.sql(_INSERT), _insert_params(jobs, now))
 
-    def _insert_keyed(self, conn: Connection, unit: EnqueueUnit, now: float) -> list[JobId]:
-        """Insert a unit with keys or batch jobs, job by job; raise to refuse it.
+    def _insert_keyed(
+        self, unit: EnqueueUnit, now: float
+    ) -> Generator[tuple[str, Any], tuple[Any, ...] | None, list[JobId]]:
+        """The statements that insert a unit with keys or batch jobs, job by job (run by
+        :func:`_run_steps` or :func:`_run_steps_async`); raises to refuse the unit.
 
-        The tenants of its batch jobs must be locked (:meth:`_lock_tenants`)."""
+        The tenants of its batch jobs must be locked (:data:`LOCK_TENANTS`)."""
         ids: list[JobId] = []
         held: dict[str, list[JobId]] = {}
         for job in unit.jobs:
             if job.key is None:
-                conn.execute(self.sql(_INSERT_ONE), _insert_one_params(job, now))
+                yield self.sql(_INSERT_ONE), _insert_one_params(job, now)
                 job_id = job.id
             else:
                 sql, params = self._insert_or_find(job, now)
                 # None: the job that held the key ended between the insert and the lookup. Again.
-                while (row := conn.execute(sql, params).fetchone()) is None:
+                while (row := (yield sql, params)) is None:
                     pass
                 job_id = _inserted_or_duplicate(job, unit, row)
             if job.kind is Kind.BATCH and job_id == job.id:
                 held.setdefault(job.tenant, []).append(job_id)
             ids.append(job_id)
         if held:
-            self._add_batches(conn, [job_id for group in held.values() for job_id in group])
-            self._hold_new(conn, held)
+            batches = [job_id for group in held.values() for job_id in group]
+            yield self.sql(_ADD_BATCHES), (batches,)
+            yield from self._hold_new(held)
         return ids
 
     def _insert_or_find(self, job: NewJob, now: float) -> tuple[str, dict[str, Any]]:
@@ -931,22 +938,21 @@ class PostgresStore:
         tenants = {job.tenant for job in unit.jobs if job.run_at <= now}
         later = min((job.run_at for job in unit.jobs if job.run_at > now), default=None)
         notify = ("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, later)))
-        if all(job.key is None for job in unit.jobs):
+        if all(_plain(job) for job in unit.jobs):
             async with conn.transaction():
                 await conn.execute(self.sql(_INSERT), _insert_params(unit.jobs, now))
                 await conn.execute(*notify)
             return [job.id for job in unit.jobs]
-        ids: list[JobId] = []
+        batch_tenants = sorted({job.tenant for job in unit.jobs if job.kind is Kind.BATCH})
         try:
             async with conn.transaction():
-                for job in unit.jobs:
-                    sql, params = self._insert_or_find(job, now)
-                    while (row := await (await conn.execute(sql, params)).fetchone()) is None:
-                        pass
-                    ids.append(_inserted_or_duplicate(job, unit, row))
+                if batch_tenants:
+                    params = {"prefix": self._lock_prefix, "tenants": batch_tenants}
+                    await conn.execute(self.sql(LOCK_TENANTS), params)
+                ids = await _run_steps_async(conn, self._insert_keyed(unit, now))
                 await conn.execute(*notify)
-        except DuplicateJob as duplicate:
-            return duplicate
+        except (DuplicateJob, LimitExceeded) as refused:
+            return refused
         return ids
 
     # -- dispatching ------------------------------------------------------------------------
@@ -1217,46 +1223,36 @@ class PostgresStore:
             params = {"prefix": self._lock_prefix, "tenants": sorted(tenants)}
             conn.execute(self.sql(LOCK_TENANTS), params)
 
-    def _usage(self, conn: Connection, tenant: str) -> tuple[int, int]:
-        row = conn.execute(self.sql(USAGE), {"tenant": tenant}).fetchone()
-        assert row is not None
-        return row[0], row[1]
-
-    def _add_batches(self, conn: Connection, job_ids: list[JobId]) -> None:
-        """The (empty) chunk counts of new batch jobs."""
-        if job_ids:
-            sql = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%s::text[])"
-            conn.execute(self.sql(sql), (job_ids,))
-
-    def _hold(self, conn: Connection, tenant: str, job_ids: list[JobId]) -> None:
-        """Put jobs at the end of the (locked) tenant's holding queue, in this order."""
-        params = {"tenant": tenant, "step": HOLDING_STEP, "ids": job_ids}
-        conn.execute(self.sql(HOLD), params)
-
-    def _hold_new(self, conn: Connection, held: Mapping[str, list[JobId]]) -> None:
-        """Put new batch jobs in their (locked) tenants' holding queues and admit what the free
-        slots take; raise LimitExceeded if a holding queue is then longer than its limit."""
+    def _hold_new(
+        self, held: Mapping[str, list[JobId]]
+    ) -> Generator[tuple[str, Any], tuple[Any, ...] | None, None]:
+        """The statements that put new batch jobs in their (locked) tenants' holding queues and
+        admit what the free slots take; raises LimitExceeded if a holding queue is then longer
+        than its limit."""
         for tenant, job_ids in held.items():
-            self._hold(conn, tenant, job_ids)
+            yield self.sql(HOLD), {"tenant": tenant, "step": HOLDING_STEP, "ids": job_ids}
         for tenant in held:
             limits = self._limits(tenant)
-            holding, active = self._usage(conn, tenant)
+            usage = yield self.sql(USAGE), {"tenant": tenant}
+            holding, active = usage or (0, 0)
             free = max(0, limits.max_active_batches - active)
             if holding - min(free, holding) > limits.max_holding:
                 raise holding_full(tenant, limits.max_holding)
-        self._admit(conn, held)
+        if held:
+            yield self.sql(ADMIT), self._admit_params(held)
 
     def _admit(self, conn: Connection, tenants: Collection[str]) -> set[str]:
         """Admit the (locked) tenants' first HOLDING jobs into their free active slots; return
         the tenants that got some."""
         if not tenants:
             return set()
+        rows = conn.execute(self.sql(ADMIT), self._admit_params(tenants))
+        return {tenant for (tenant,) in rows}
+
+    def _admit_params(self, tenants: Collection[str]) -> dict[str, Any]:
         ordered = sorted(tenants)
-        params = {
-            "tenants": ordered,
-            "slots": [self._limits(tenant).max_active_batches for tenant in ordered],
-        }
-        return {tenant for (tenant,) in conn.execute(self.sql(ADMIT), params)}
+        slots = [self._limits(tenant).max_active_batches for tenant in ordered]
+        return {"tenants": ordered, "slots": slots}
 
     def _settle(
         self, conn: Connection, ended: list[tuple[JobId, State]], freed: set[str], now: float
@@ -1269,7 +1265,8 @@ class PostgresStore:
         tenants = freed | held.keys()
         self._lock_tenants(conn, tenants)
         for tenant in sorted(held):
-            self._hold(conn, tenant, held[tenant])
+            params = {"tenant": tenant, "step": HOLDING_STEP, "ids": held[tenant]}
+            conn.execute(self.sql(HOLD), params)
         return ready | self._admit(conn, tenants)
 
     async def admit(self, now: float) -> list[str]:
@@ -1395,7 +1392,8 @@ class PostgresStore:
             if found is None:
                 raise JobNotFound(job_id)
             info = _info(found)
-            holding, active = self._usage(conn, info.tenant)
+            usage = conn.execute(self.sql(USAGE), {"tenant": info.tenant}).fetchone()
+            holding, active = usage or (0, 0)
             position = ready_ahead = tenants_ahead = 0
             if info.state is State.HOLDING:
                 row = conn.execute(
@@ -1658,8 +1656,10 @@ class PostgresStore:
                 new_states.append(state)
                 states[job.id] = state
             conn.execute(self.sql(_INSERT), _insert_params(new, now, new_states))
-            self._add_batches(conn, [job.id for job in new if job.kind is Kind.BATCH])
-            self._hold_new(conn, held)
+            batches = [job.id for job in new if job.kind is Kind.BATCH]
+            if batches:
+                conn.execute(self.sql(_ADD_BATCHES), (batches,))
+            _run_steps(conn, self._hold_new(held))
             if edges:
                 conn.execute(
                     self.sql(
@@ -1902,6 +1902,33 @@ def _parse_payload(payload: str) -> tuple[list[str] | None, float | None]:
         return [str(t) for t in data["tenants"]], data["run_at"]
     except (ValueError, TypeError, KeyError):
         return None, None
+
+
+def _run_steps(conn: Connection, steps: Generator[tuple[str, Any], tuple[Any, ...] | None, T]) -> T:
+    """Run statements one after the other, each given the first row of the one before."""
+    row: tuple[Any, ...] | None = None
+    try:
+        while True:
+            sql, params = steps.send(row)
+            cursor = conn.execute(sql, params)
+            row = cursor.fetchone() if cursor.description else None
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _run_steps_async(
+    conn: psycopg.AsyncConnection[Any],
+    steps: Generator[tuple[str, Any], tuple[Any, ...] | None, T],
+) -> T:
+    """:func:`_run_steps` on the application's asyncio connection."""
+    row: tuple[Any, ...] | None = None
+    try:
+        while True:
+            sql, params = steps.send(row)
+            cursor = await conn.execute(sql, params)
+            row = await cursor.fetchone() if cursor.description else None
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 def _plain(job: NewJob) -> bool:
