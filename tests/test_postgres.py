@@ -24,7 +24,7 @@ from flexq import (
 from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
-from flexq._store.base import ACTIVE_BATCH_STATES, EnqueueUnit, JobFilter, Outcome
+from flexq._store.base import ACTIVE_BATCH_STATES, DependentJob, EnqueueUnit, JobFilter, Outcome
 from flexq._store.postgres import PostgresStore
 from flexq._store.url import store_from_url
 
@@ -479,3 +479,67 @@ async def test_two_processes_never_fill_a_sixth_batch_slot(pg_schema: str) -> No
     assert max(seen) == 5, "the slots never filled up: the test raced nothing"
     assert counts == {State.COMPLETED: 2 * per_store}
     assert usage == (0, 0)
+
+
+async def test_parents_ended_at_once_in_two_processes_release_their_common_children(
+    pg_schema: str,
+) -> None:
+    """Each child waits for two parents that two stores complete in concurrent reports; every
+    child is released (neither report may leave it waiting for the other's parent)."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        for round_ in range(5):
+            pairs = [(f"a{round_}-{n}", f"b{round_}-{n}") for n in range(40)]
+            await put(stores[0], *(job(p) for pair in pairs for p in pair))
+            children = [
+                DependentJob(job(f"c{round_}-{n}", task="u"), pair) for n, pair in enumerate(pairs)
+            ]
+            await stores[0].enqueue_dependent(children, T0)
+            for side, (store, owner) in enumerate(zip(stores, ("one", "two"), strict=True)):
+                ids = [pair[side] for pair in pairs]
+                assert len(await store.claim_jobs(owner, ids, {"t"}, T0, T0 + 60)) == len(ids)
+
+            async with anyio.create_task_group() as group:
+                for side, owner in enumerate(("one", "two")):
+                    outcomes = [Outcome(pair[side], State.COMPLETED, "null") for pair in pairs]
+                    group.start_soon(stores[side].report, owner, outcomes, T0)
+            infos = await stores[1].get_many([child.job.id for child in children])
+            assert {info.state for info in infos} == {State.QUEUED}
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
+    pg_schema: str,
+) -> None:
+    """One store adds dependants of running jobs while another completes those jobs: each
+    dependant either sees its parent ended, or is released by the report that ends it."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    parents = [f"p{n}" for n in range(60)]
+    try:
+        await put(stores[0], *(job(p) for p in parents))
+        assert len(await stores[1].claim_jobs(OWNER, parents, {"t"}, T0, T0 + 60)) == 60
+
+        async def add_children() -> None:
+            for n, parent in enumerate(parents):
+                await stores[0].enqueue_dependent(
+                    [DependentJob(job(f"c{n}", task="u"), (parent,))], T0
+                )
+
+        async def end_parents() -> None:
+            for parent in parents:
+                await stores[1].report(OWNER, [Outcome(parent, State.COMPLETED, "null")], T0)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(add_children)
+            group.start_soon(end_parents)
+        infos = await stores[0].get_many([f"c{n}" for n in range(60)])
+    finally:
+        for store in stores:
+            await store.close()
+    assert {info.state for info in infos} == {State.QUEUED}
