@@ -38,6 +38,17 @@ FROM generate_series(1, {rows}) AS i
 """
 
 
+# Batch jobs of the same 10 tenants: one in twenty in an active slot, the others HOLDING.
+BATCHES = """
+INSERT INTO {s}.flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, args, kwargs,
+    max_attempts, created_at, run_at, position)
+SELECT 'b' || i, 'task0', 'batch', 2, 't' || (i % 10), 0,
+    CASE WHEN i % 20 = 0 THEN 'QUEUED' ELSE 'HOLDING' END, '[]', '{{}}', 1, i, i,
+    CASE WHEN i % 20 <> 0 THEN i * 1024.0 END
+FROM generate_series(1, {rows}) AS i
+"""
+
+
 @pytest.fixture(scope="module")
 def conn() -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A connection to a schema that holds a million jobs, with fresh planner statistics."""
@@ -45,6 +56,7 @@ def conn() -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
         try:
             STORE._migrate(connection)
             connection.execute(STORE.sql(FILL.format(s="{s}", rows=ROWS)))
+            connection.execute(STORE.sql(BATCHES.format(s="{s}", rows=ROWS // 20)))
             connection.execute(STORE.sql("ANALYZE {s}.flexq_jobs"))
             yield connection
         finally:
@@ -115,3 +127,20 @@ def test_listing_failed_jobs_reads_their_partial_index(
     rows = conn.execute("EXPLAIN " + STORE.sql(sql), [*params, 100, 0]).fetchall()
     text = "\n".join(row[0] for row in rows)
     assert "flexq_jobs_failed" in text, text
+
+
+@pytest.mark.slow
+def test_admission_reads_the_holding_and_active_batch_indexes(
+    conn: psycopg.Connection[tuple[Any, ...]],
+) -> None:
+    """Admission, usage and the holding tenants read the partial indexes of HOLDING jobs and of
+    batch jobs in active slots."""
+    text = plan(conn, pg.ADMIT, {"tenants": ["t1", "t2"], "slots": [5, 5]})
+    assert "flexq_jobs_holding" in text, text
+    assert "flexq_jobs_active_batches" in text, text
+    assert "Seq Scan on flexq_jobs" not in text, text
+    for sql, params in ((pg.USAGE, {"tenant": "t1"}), (pg.HOLDING_TENANTS, {})):
+        text = plan(conn, sql, params)
+        assert "flexq_jobs_holding" in text, text
+        assert "flexq_jobs_active_batches" in text, text
+        assert "Seq Scan on flexq_jobs" not in text, text
