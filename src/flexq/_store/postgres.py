@@ -517,9 +517,11 @@ NEXT_SCHEDULE = """
 SELECT min(next_fire_time) FROM {s}.flexq_schedules
 WHERE state = 'active' AND next_fire_time > %(now)s"""
 
-RELEASE_EDGES = """
-DELETE FROM {s}.flexq_dependencies WHERE parent_id = ANY(%s::text[])
-RETURNING parent_id, child_id, on_parent_failure"""
+RELEASE_EDGES = f"""
+DELETE FROM {{s}}.flexq_dependencies AS d USING {{s}}.flexq_jobs AS j
+WHERE d.parent_id = ANY(%(ids)s::text[]) AND j.id = d.parent_id AND j.state IN ({_FINAL})
+RETURNING d.parent_id, d.child_id, d.on_parent_failure, j.state"""
+"""The dependencies on those of the jobs that are final, with the state each parent ended in."""
 
 ABORT_WAITING = f"""
 WITH v AS MATERIALIZED (
@@ -1031,14 +1033,21 @@ class PostgresStore:
             if tell_others and (requeued or later is not None):
                 self._notify(conn, requeued, later)
             return [row[0] for row in rows]
-        with conn.transaction():
-            rows = conn.execute(self.sql(REPORT), params).fetchall()
+        ending = [o.job_id for o in outcomes if o.state.is_final or o.release]
+        # One round trip for BEGIN, the outcomes and the ended jobs' dependencies (most have
+        # none), another for what follows and COMMIT. The dependencies are read by a statement
+        # of their own, after the outcomes' rows are locked: it sees every dependency on them
+        # that a concurrent enqueue_dependent committed.
+        with conn.pipeline(), conn.transaction():
+            reported = conn.execute(self.sql(REPORT), params)
+            released = conn.execute(self.sql(RELEASE_EDGES), {"ids": ending})
+            rows = reported.fetchall()
+            edges = released.fetchall()
             requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
-            ended = [(job_id, State(state)) for job_id, state, _, _ in rows
-                     if State(state).is_final]  # fmt: skip
+            ended = [job_id for job_id, state, _, _ in rows if State(state).is_final]
             freed = {tenant for _, state, tenant, kind in rows
                      if kind == Kind.BATCH and State(state).is_final}  # fmt: skip
-            requeued |= self._settle(conn, ended, freed, now)
+            requeued |= self._settle(conn, ended, freed, now, edges)
             if tell_others and (requeued or later is not None):
                 self._notify(conn, requeued, later)
         return [row[0] for row in rows]
@@ -1075,9 +1084,7 @@ class PostgresStore:
                 if kind == Kind.BATCH and target.is_final:
                     freed.add(tenant)
             conn.execute(self.sql(RECOVER), params)
-            ended = [(job_id, State.FAILED) for job_id in recovered.failed]
-            ended += [(job_id, State.ABORTED) for job_id in recovered.aborted]
-            ready = self._settle(conn, ended, freed, now)
+            ready = self._settle(conn, recovered.failed + recovered.aborted, freed, now)
             if recovered.requeued or ready:
                 self._notify(conn, None, None)
         return recovered
@@ -1127,7 +1134,7 @@ class PostgresStore:
                     self.sql("DELETE FROM {s}.flexq_dependencies WHERE child_id = %s"), (job_id,)
                 )
             freed = {tenant} if kind == Kind.BATCH and state in ACTIVE_BATCH_STATES else set()
-            if self._settle(conn, [(job_id, State.ABORTED)], freed, now):
+            if self._settle(conn, [job_id], freed, now):
                 self._notify(conn, None, None)
         return State.ABORTED
 
@@ -1255,13 +1262,19 @@ class PostgresStore:
         return {"tenants": ordered, "slots": slots}
 
     def _settle(
-        self, conn: Connection, ended: list[tuple[JobId, State]], freed: set[str], now: float
+        self,
+        conn: Connection,
+        ended: list[JobId],
+        freed: set[str],
+        now: float,
+        edges: list[tuple[Any, ...]] | None = None,
     ) -> set[str]:
         """After jobs ended, in their transaction: release or abort their dependants, then put
         released batch jobs in their holding queues and fill the free slots of ``freed``
         tenants (whose batch jobs ended) and of those. Returns the tenants that got QUEUED
-        jobs."""
-        held, ready = self._release_dependants(conn, ended, now) if ended else ({}, set())
+        jobs. ``edges``: the ended jobs' dependencies, if the caller deleted them already
+        (:data:`RELEASE_EDGES`)."""
+        held, ready = self._release_dependants(conn, ended, now, edges)
         tenants = freed | held.keys()
         self._lock_tenants(conn, tenants)
         for tenant in sorted(held):
@@ -1686,7 +1699,11 @@ class PostgresStore:
         return [dependent.job.id for dependent in jobs]
 
     def _release_dependants(
-        self, conn: Connection, finished: list[tuple[JobId, State]], now: float
+        self,
+        conn: Connection,
+        finished: list[JobId],
+        now: float,
+        edges: list[tuple[Any, ...]] | None,
     ) -> tuple[dict[str, list[JobId]], set[str]]:
         """Release or abort the WAITING dependants of jobs that just became final.
 
@@ -1698,13 +1715,14 @@ class PostgresStore:
         """
         held: dict[str, list[JobId]] = {}
         ready: set[str] = set()
-        while finished:
-            states = dict(finished)
-            finished = []
-            edges = conn.execute(self.sql(RELEASE_EDGES), (list(states),)).fetchall()
+        while edges or finished:
+            if edges is None:
+                edges = conn.execute(self.sql(RELEASE_EDGES), {"ids": finished}).fetchall()
             if not edges:
                 break
-            children = sorted({child for _, child, _ in edges})
+            states = {parent: State(state) for parent, _, _, state in edges}
+            finished = []
+            children = sorted({child for _, child, _, _ in edges})
             # Locked before their remaining edges are read: of two transactions that end two
             # parents of one child, the second sees the first's deleted edge.
             conn.execute(
@@ -1714,7 +1732,7 @@ class PostgresStore:
                 (children,),
             )
             failed_parent: dict[JobId, JobId] = {}
-            for parent, child, policy in sorted(edges):
+            for parent, child, policy, _ in sorted(edges):
                 if states[parent] is not State.COMPLETED and policy == "abort":
                     failed_parent.setdefault(child, parent)
             if failed_parent:
@@ -1731,7 +1749,7 @@ class PostgresStore:
                 rows = conn.execute(
                     self.sql(ABORT_WAITING), {"id": ids, "error": errors, "now": now}
                 ).fetchall()
-                finished += [(job_id, State.ABORTED) for (job_id,) in rows]
+                finished += [job_id for (job_id,) in rows]
             released = [child for child in children if child not in failed_parent]
             if released:
                 rows = conn.execute(
@@ -1742,6 +1760,7 @@ class PostgresStore:
                         held.setdefault(tenant, []).append(job_id)
                     elif state == State.QUEUED:
                         ready.add(tenant)
+            edges = None
         return held, ready
 
     async def waiting_for(self, job_id: JobId) -> list[JobId]:
