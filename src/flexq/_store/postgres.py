@@ -367,6 +367,9 @@ a job into a holding queue, moves one in it or out of it, or ends a batch job in
 holds its tenant's lock when it counts and admits: two processes never both admit into the last
 free slot."""
 
+_ONE_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+"""First in a transaction of several reads: they all see the same committed state."""
+
 _ADD_BATCHES = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%s::text[])"
 """The (empty) chunk counts of new batch jobs."""
 
@@ -1399,6 +1402,7 @@ class PostgresStore:
 
     def _wait_facts(self, conn: Connection, job_id: JobId) -> WaitFacts:
         with conn.transaction():
+            conn.execute(_ONE_SNAPSHOT)
             found = conn.execute(
                 self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s"), (job_id,)
             ).fetchone()
@@ -1515,6 +1519,7 @@ class PostgresStore:
         self, conn: Connection, job_id: JobId
     ) -> tuple[BatchCounts, list[tuple[int, str]]]:
         with conn.transaction():
+            conn.execute(_ONE_SNAPSHOT)
             found = conn.execute(
                 self.sql(f"SELECT {_COUNTS} FROM {{s}}.flexq_batches WHERE job_id = %s"),
                 (job_id,),
@@ -1692,10 +1697,10 @@ class PostgresStore:
                     ),
                     {"now": now, "id": [a[0] for a in aborted], "error": [a[1] for a in aborted]},
                 )
-            ready = {job.tenant for job, state in zip(new, new_states, strict=True)
-                     if state is State.QUEUED}  # fmt: skip
-            if ready and self._tell_others(len(ready)):
-                self._notify(conn, ready, None)
+            queued = [job for job, state in zip(new, new_states, strict=True)
+                      if state is State.QUEUED]  # fmt: skip
+            if queued and self._tell_others(len(queued)):
+                self._notify(conn, {job.tenant for job in queued}, None)
         return [dependent.job.id for dependent in jobs]
 
     def _release_dependants(
