@@ -148,7 +148,13 @@ class Dispatcher:
             self._isolating = False
             if self._suspects and await self._run_suspect():
                 return
-        while not self._stopped and self._fairness and self._runner.free_slots > 0:
+        # Overload may begin during the store calls above: no claim once it has.
+        while (
+            not self._stopped
+            and self._fairness
+            and self._runner.free_slots > 0
+            and not self._monitor.overloaded
+        ):
             wanted = self._fairness.allocate(self._runner.free_slots)
             now = self._clock()
             jobs = await self._store.claim(self._owner, wanted, self._tasks, now, now + self._lease)
