@@ -24,12 +24,24 @@ PEER_PACKAGES = [
     "sniffio",
     # limits.py measures task spawning under trio too.
     "trio",
+    # The PostgreSQL peers.
+    "pgqueuer",
+    "procrastinate",
+    "asyncpg",
+    "psycopg[binary]",
 ]
-PEER_IMPORTS = "import apscheduler, sqlalchemy, aiosqlite, anyio, sniffio, trio"
+PEER_IMPORTS = (
+    "import apscheduler, sqlalchemy, aiosqlite, anyio, sniffio, trio, pgqueuer, procrastinate"
+)
 
 _APS = re.compile(
     r"apscheduler4 (?P<kind>\w+): n=(?P<n>\d+) enqueue (?P<enqueue>[\d.]+)/s\s+"
     r"run (?P<run>[\d.]+)/s\s+total (?P<total>[\d.]+) jobs/s"
+)
+_PG_PEER = re.compile(
+    r"(?P<name>pgqueuer|procrastinate) postgres: n=(?P<n>\d+) .*?enqueue (?P<enqueue>[\d.]+)/s"
+    r" batch-enqueue (?P<batch>[\d.]+)/s\s+run (?P<run>[\d.]+)/s\s+total (?P<total>[\d.]+)"
+    r" jobs/s\s+idle latency p50 (?P<p50>[\d.]+) ms"
 )
 _LIMIT = re.compile(r"^(?P<name>[^:]+):\s+(?P<value>[\d,.]+) (?P<unit>jobs/s|tasks/s)")
 
@@ -43,6 +55,21 @@ class PeerRun:
     enqueue: float
     run: float
     total: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PostgresPeerRun:
+    """A PostgreSQL peer: rates in jobs per second, idle latency in milliseconds."""
+
+    name: str
+    jobs: int
+    settings: str
+    enqueue: float
+    """One by one, from one task."""
+    batch_enqueue: float
+    run: float
+    total: float
+    idle_p50_ms: float
 
 
 class PeerError(Exception):
@@ -130,3 +157,30 @@ def limits(python: Path, timeout: float = 600) -> dict[str, float]:
     if not found:
         raise PeerError(f"could not parse limits.py's output: {output.strip()!r}")
     return found
+
+
+def postgres_peer(
+    python: Path, name: str, jobs: int, concurrency: int, extra: int, dsn: str, timeout: float = 900
+) -> PostgresPeerRun:
+    """Run ``peer_pgqueuer.py`` (``extra`` = dequeue batch size) or ``peer_procrastinate.py``
+    (``extra`` = pool size) and parse its line."""
+    script = _script(f"peer_{name}.py")
+    command = [str(python), str(script), str(jobs), str(concurrency), str(extra), dsn]
+    try:
+        output = _check(command, timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PeerError(f"{name} failed: {exc}") from exc
+    match = _PG_PEER.search(output)
+    if match is None:
+        raise PeerError(f"could not parse {name}'s output: {output.strip()!r}")
+    kind = "batch" if name == "pgqueuer" else "pool"
+    return PostgresPeerRun(
+        name=name,
+        jobs=int(match["n"]),
+        settings=f"C={concurrency} {kind}={extra}",
+        enqueue=float(match["enqueue"]),
+        batch_enqueue=float(match["batch"]),
+        run=float(match["run"]),
+        total=float(match["total"]),
+        idle_p50_ms=float(match["p50"]),
+    )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from benchmarks import batch, claim, hotspots, latency, peers, throughput
+from benchmarks import batch, claim, hotspots, latency, peers, postgres, throughput
 from benchmarks._common import quiet_logs, sqlite_url
 
 if TYPE_CHECKING:
@@ -582,6 +582,166 @@ def case_batch(args: argparse.Namespace, sizes: Sizes, tmp: Path, out: Results) 
     out.data["flex_moves"] = moves
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PostgresSizes:
+    """How big the PostgreSQL case is."""
+
+    run_jobs: int
+    workers: tuple[int, ...]
+    processes: int
+    enqueue_jobs: int
+    sequential_jobs: int
+    latency_samples: int
+    pgqueuer_jobs: int
+    procrastinate_jobs: int
+
+
+POSTGRES_DEFAULT = PostgresSizes(
+    run_jobs=50_000,
+    workers=(64, 128),
+    processes=3,
+    enqueue_jobs=20_000,
+    sequential_jobs=3_000,
+    latency_samples=200,
+    pgqueuer_jobs=10_000,
+    procrastinate_jobs=2_000,
+)
+POSTGRES_QUICK = PostgresSizes(
+    run_jobs=10_000,
+    workers=(128,),
+    processes=3,
+    enqueue_jobs=10_000,
+    sequential_jobs=1_000,
+    latency_samples=50,
+    pgqueuer_jobs=3_000,
+    procrastinate_jobs=500,
+)
+PGQUEUER_SETTINGS = (100, 50)
+"""pgqueuer at its best on this machine: 100 concurrent tasks, dequeue batches of 50."""
+PROCRASTINATE_SETTINGS = (20, 4)
+"""procrastinate: 20 concurrent tasks, 4 pooled connections (its default)."""
+
+
+def _on_postgres(backend: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``fn(url, *args)`` on a schema of its own, dropped afterwards."""
+    url = postgres.fresh_url()
+    try:
+        return run_async(backend, fn, url, *args)
+    finally:
+        postgres.drop(url)
+
+
+def case_postgres(args: argparse.Namespace, sizes: PostgresSizes, out: Results) -> None:
+    """Case 8: flexq on PostgreSQL, and pgqueuer and procrastinate in the same run."""
+    section(
+        f"8. PostgreSQL ({postgres.DSN}): run rate of {sizes.run_jobs:,} waiting no-op jobs,"
+        f" one-by-one enqueue, idle latency; pgqueuer and procrastinate"
+    )
+    runs: dict[str, float] = {}
+    print(f"  {'flexq run':<34}{'backend':<9}{'workers':>8}{'jobs/s':>10}")
+    for backend in args.backends:
+        for workers in sizes.workers:
+            run = _on_postgres(backend, postgres.drain, sizes.run_jobs, workers)
+            print(f"  {'1 process':<34}{backend:<9}{workers:>8}{run.rate:>10,.0f}", flush=True)
+            runs[f"1/{backend}/{workers}"] = run.rate
+    many = _on_postgres(
+        "asyncio",
+        postgres.drain_processes,
+        sizes.run_jobs,
+        max(sizes.workers),
+        sizes.processes,
+    )
+    print(
+        f"  {f'{sizes.processes} processes':<34}{'asyncio':<9}{many.workers:>8}{many.rate:>10,.0f}",
+        flush=True,
+    )
+    print(f"\n  {'flexq enqueue() one by one':<34}{'backend':<9}{'tasks':>8}{'jobs/s':>10}")
+    enqueues: dict[str, float] = {}
+    for backend in args.backends:
+        for producers, jobs in ((1, sizes.sequential_jobs), (100, sizes.enqueue_jobs)):
+            enq = _on_postgres(backend, postgres.enqueue_one_by_one, jobs, producers)
+            print(f"  {'':<34}{backend:<9}{producers:>8}{enq.rate:>10,.0f}", flush=True)
+            enqueues[f"{backend}/{producers}"] = enq.rate
+    print(f"\n  {'flexq idle latency':<34}{'backend':<9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}")
+    latencies: dict[str, float] = {}
+    for backend in args.backends:
+        lat = _on_postgres(backend, latency.idle_latency, "postgres", sizes.latency_samples)
+        print(
+            f"  {'1 process':<34}{backend:<9}{lat.start_ms(0.5):>8.3f}{lat.start_ms(0.9):>8.3f}"
+            f"{lat.start_ms(0.99):>8.3f}",
+            flush=True,
+        )
+        latencies[f"1/{backend}"] = lat.start_ms(0.5)
+    beside = _on_postgres(
+        "asyncio",
+        postgres.idle_latency_beside,
+        sizes.latency_samples,
+        sizes.processes - 1,
+    )
+    label = f"beside {sizes.processes - 1} idle worker processes"
+    print(
+        f"  {label:<34}{'asyncio':<9}{beside.start_ms(0.5):>8.3f}{beside.start_ms(0.9):>8.3f}"
+        f"{beside.start_ms(0.99):>8.3f}",
+        flush=True,
+    )
+    latencies[f"{sizes.processes}/asyncio"] = beside.start_ms(0.5)
+
+    best_run = max(runs.values())
+    best_concurrent = max(v for k, v in enqueues.items() if k.endswith("/100"))
+    for key, p50 in latencies.items():
+        processes, backend = key.split("/")
+        out.add(f"postgres idle latency p50 {backend}, {processes} process(es)", f"{p50:.3f} ms",
+                "< 2 ms", p50 < 2.0)  # fmt: skip
+    out.data["postgres"] = {"run": runs, "run_processes": dataclasses.asdict(many),
+                            "enqueue": enqueues, "latency_p50_ms": latencies}  # fmt: skip
+
+    peer_runs: dict[str, peers.PostgresPeerRun] = {}
+    if args.skip_peers:
+        return
+    try:
+        python = peers.peer_python()
+    except peers.PeerError as exc:
+        print(f"  peers skipped: {exc}")
+        out.notes.append(f"PostgreSQL peers not measured: {exc}")
+        return
+    print()
+    for name, jobs, (concurrency, extra) in (
+        ("pgqueuer", sizes.pgqueuer_jobs, PGQUEUER_SETTINGS),
+        ("procrastinate", sizes.procrastinate_jobs, PROCRASTINATE_SETTINGS),
+    ):
+        try:
+            peer = peers.postgres_peer(python, name, jobs, concurrency, extra, postgres.DSN)
+        except peers.PeerError as exc:
+            print(f"  {exc}")
+            out.notes.append(str(exc))
+            continue
+        peer_runs[name] = peer
+        print(
+            f"  {name:<14} n={peer.jobs:<6,} {peer.settings:<14} enqueue {peer.enqueue:>7,.0f}/s"
+            f"  batch {peer.batch_enqueue:>8,.0f}/s  run {peer.run:>7,.0f}/s"
+            f"  idle p50 {peer.idle_p50_ms:.1f} ms",
+            flush=True,
+        )
+    out.data["postgres"]["peers"] = {k: dataclasses.asdict(v) for k, v in peer_runs.items()}
+    print("\n  ratios (flexq / peer, same run):")
+    for name, peer in peer_runs.items():
+        _ratio(out, f"postgres run, best 1 process / {name} run", best_run, peer.run)
+        _ratio(out, f"postgres run, {sizes.processes} processes / {name} run", many.rate,
+               peer.run)  # fmt: skip
+        _ratio(out, f"postgres enqueue, 100 tasks / {name} one by one", best_concurrent,
+               peer.enqueue)  # fmt: skip
+    pgq = peer_runs.get("pgqueuer")
+    if pgq is not None:
+        for label, ours, theirs, target in (
+            ("run, best 1 process", best_run, pgq.run, 2.0),
+            (f"run, {sizes.processes} processes", many.rate, pgq.run, 2.0),
+            ("enqueue, 100 tasks one by one", best_concurrent, pgq.enqueue, 5.0),
+        ):
+            ratio = ours / theirs
+            out.add(f"postgres {label} / pgqueuer", f"{ratio:.2f}x", f">= {target:g}x",
+                    ratio >= target)  # fmt: skip
+
+
 def case_hotspots(args: argparse.Namespace, sizes: Sizes, tmp: Path) -> None:
     """The end-to-end case under cProfile (sqlite, the first backend)."""
     backend = args.backends[0]
@@ -629,8 +789,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        default="1,2,3,4,6,7",
-        help="comma-separated cases to run (4 includes 5); default all",
+        default="1,2,3,4,6,7,8",
+        help="comma-separated cases to run (4 includes 5; 8 is PostgreSQL); default all",
     )
     parser.add_argument("--jobs", type=int, help="jobs of the end-to-end case")
     parser.add_argument(
@@ -674,6 +834,8 @@ def main(argv: list[str] | None = None) -> None:
             case_batch(args, sizes, tmp, out)
         if "6" in only and not args.skip_peers:
             case_peers(args, sizes, out)
+        if "8" in only:
+            case_postgres(args, POSTGRES_QUICK if args.quick else POSTGRES_DEFAULT, out)
         if args.profile:
             case_hotspots(args, sizes, tmp)
     summary(out)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -32,12 +35,41 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 StoreFactory = Callable[[], Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+POSTGRES_DSN = os.environ.get(
+    "FLEXQ_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema name in the test database, dropped (with its tables) after the test."""
+    import psycopg
+
+    schema = f"flexq_test_{uuid.uuid4().hex[:16]}"
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def postgres_url(schema: str) -> str:
+    """The test database's URL, with flexq's tables in ``schema``."""
+    parsed = urllib.parse.urlsplit(POSTGRES_DSN)
+    query = [*urllib.parse.parse_qsl(parsed.query), ("schema", schema)]
+    return parsed._replace(query=urllib.parse.urlencode(query)).geturl()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Makes fresh stores of one kind (each call a new store; SQLite ones share one file)."""
+    """Makes fresh stores of one kind (each call a new store; SQLite ones share one file,
+    PostgreSQL ones one schema)."""
     path = tmp_path / "flexq.db"
     if request.param == "memory":
         return flexq_memory_store
+    if request.param == "postgres":
+        schema: str = request.getfixturevalue("pg_schema")
+        return lambda: postgres_store(schema)
     return lambda: sqlite_store(path)
 
 
@@ -53,17 +85,25 @@ def sqlite_store(path: Path) -> Store:
     return SQLiteStore(str(path))
 
 
+def postgres_store(schema: str) -> Store:
+    from flexq._store.postgres import PostgresStore
+
+    return PostgresStore(POSTGRES_DSN, schema=schema)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite URL in the test's own directory."""
     return f"sqlite:///{tmp_path / 'flexq.db'}"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each store a Queue can be made from."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "postgres":
+        return postgres_url(request.getfixturevalue("pg_schema"))
     return f"sqlite:///{tmp_path / 'flexq.db'}"
 
 

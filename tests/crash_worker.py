@@ -2,10 +2,11 @@
 
 Usage: ``python crash_worker.py DB RUNS BACKEND [--workers N] [--lease S]``.
 
-It opens a :class:`flexq.Queue` on the SQLite file ``DB`` with a short lease, registers the
-tasks of :func:`register_tasks`, appends ``ready <pid>`` to the file ``RUNS`` and works until it
-is killed. Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``, one
-``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
+It opens a :class:`flexq.Queue` on the SQLite file ``DB`` (or the store URL ``DB``, such as
+``postgresql://...``) with a short lease, registers the tasks of :func:`register_tasks`,
+appends ``ready <pid>`` to the file ``RUNS`` and works until it is killed (SIGTERM stops it
+gracefully). Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``,
+one ``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
 interleave and the tests can count how often each job ran, and where.
 """
 
@@ -93,7 +94,7 @@ def register_batch(queue: flexq.Queue, runs: RunLog) -> type:
 async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
     runs = RunLog(runs_path)
     queue = flexq.Queue(
-        f"sqlite:///{db}",
+        db if "://" in db else f"sqlite:///{db}",
         workers=workers,
         lease=lease,
         poll_interval=POLL_INTERVAL,
@@ -102,14 +103,16 @@ async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
     )
     register_tasks(queue, runs)
     register_batch(queue, runs)
-    async with queue:
-        runs.write("ready", os.getpid())
-        await anyio.sleep_forever()
+    with anyio.open_signal_receiver(signal.SIGTERM) as stop_signals:
+        async with queue:
+            runs.write("ready", os.getpid())
+            async for _ in stop_signals:  # SIGTERM: leave `async with queue`, gracefully
+                break
 
 
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("db", help="the SQLite file")
+    parser.add_argument("db", help="the SQLite file, or a store URL")
     parser.add_argument("runs", help="the file every run of a task appends a line to")
     parser.add_argument("backend", choices=["asyncio", "trio"])
     parser.add_argument("--workers", type=int, default=4)

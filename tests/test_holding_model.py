@@ -1,10 +1,11 @@
-"""The holding queue and active slots of both stores against a plain list model.
+"""The holding queue and active slots of every store against a plain list model.
 
 A hypothesis state machine enqueues batch jobs (some with keys), moves them in their tenant's
-holding queue, aborts them, and claims and ends admitted ones, on a :class:`MemoryStore` and a
-:class:`SQLiteStore` at once. After every step each store's ``holding_order`` and ``usage`` of
-every tenant, and the state of every job, must be what the model says: per tenant a list (the
-holding queue, first to be admitted first) and a set (the jobs in an active slot).
+holding queue, aborts them, and claims and ends admitted ones, on a :class:`MemoryStore`, a
+:class:`SQLiteStore` and a :class:`PostgresStore` at once. After every step each store's
+``holding_order`` and ``usage`` of every tenant, and the state of every job, must be what the
+model says: per tenant a list (the holding queue, first to be admitted first) and a set (the
+jobs in an active slot).
 
 Set ``FLEXQ_MODEL_EXAMPLES`` to run more examples than the default.
 """
@@ -15,9 +16,11 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, settings
@@ -38,7 +41,10 @@ from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store.base import EnqueueUnit, NewJob, OnDuplicate, Outcome, Placement
 from flexq._store.memory import MemoryStore
+from flexq._store.postgres import PostgresStore
 from flexq._store.sqlite import SQLiteStore
+
+from .conftest import POSTGRES_DSN
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -118,13 +124,16 @@ class Model:
 
 
 class HoldingQueues(RuleBasedStateMachine):
-    """Both stores against the model, step by step."""
+    """Every store against the model, step by step."""
 
     def __init__(self, portal: BlockingPortal, sqlite_path: str) -> None:
         super().__init__()
         self.portal = portal
         self.sqlite_path = sqlite_path
-        self.stores: tuple[Store, ...] = (MemoryStore(), SQLiteStore(sqlite_path))
+        self.postgres = PostgresStore(
+            POSTGRES_DSN, schema=f"flexq_model_{uuid.uuid4().hex[:16]}", connections=1
+        )
+        self.stores: tuple[Store, ...] = (MemoryStore(), SQLiteStore(sqlite_path), self.postgres)
         for store in self.stores:
             store.set_limits(LIMITS)
             portal.call(store.open)
@@ -139,9 +148,15 @@ class HoldingQueues(RuleBasedStateMachine):
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.sqlite_path + suffix)
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{self.postgres.schema}" CASCADE')
 
     def on_stores(self, call: Callable[[Store], Awaitable[Any]]) -> list[Any]:
         return self.portal.call(_each, self.stores, call)
+
+    def each(self, answer: object) -> list[object]:
+        """The answers of all stores, if each gives ``answer``."""
+        return [answer] * len(self.stores)
 
     def pick(self, data: st.DataObject, label: str) -> str:
         """A job id: mostly one that exists, sometimes one that never did."""
@@ -243,7 +258,7 @@ class HoldingQueues(RuleBasedStateMachine):
             order[:] = rest
         placement = Placement(to, other=other, place=place)  # type: ignore[arg-type]
         results = self.on_stores(lambda store: store.reorder(job_id, placement))
-        assert [_error_kind(r) for r in results] == [expected, expected], (job_id, placement)
+        assert [_error_kind(r) for r in results] == self.each(expected), (job_id, placement)
 
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
@@ -263,7 +278,7 @@ class HoldingQueues(RuleBasedStateMachine):
             expected = State.ABORTED
             model.end(job_id, State.ABORTED)
         results = self.on_stores(lambda store: store.request_abort(job_id, NOW))
-        assert [_error_kind(r) for r in results] == [expected, expected], job_id
+        assert [_error_kind(r) for r in results] == self.each(expected), job_id
 
     @rule(tenant=st.sampled_from(TENANTS))
     def claim(self, tenant: str) -> None:
@@ -299,7 +314,7 @@ class HoldingQueues(RuleBasedStateMachine):
             return "prepared"
 
         expected = "resumed" if job_id in model.prepared else "prepared"
-        assert self.on_stores(prepare) == [expected, expected]
+        assert self.on_stores(prepare) == self.each(expected)
         model.prepared.add(job_id)
         model.states[job_id] = State.PROCESSING
 
@@ -316,7 +331,7 @@ class HoldingQueues(RuleBasedStateMachine):
             return
         job_id = data.draw(st.sampled_from(running), label="running")
         results = self.on_stores(lambda store: store.report(OWNER, [Outcome(job_id, state)], NOW))
-        assert results == [[job_id], [job_id]]
+        assert results == self.each([job_id])
         model.end(job_id, state)
 
     @rule(data=st.data())
@@ -329,7 +344,7 @@ class HoldingQueues(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from(sorted(model.running)), label="running")
         outcome = Outcome(job_id, State.QUEUED, release=True)
         results = self.on_stores(lambda store: store.report(OWNER, [outcome], NOW))
-        assert results == [[job_id], [job_id]]
+        assert results == self.each([job_id])
         if job_id in model.aborting:
             model.end(job_id, State.ABORTED)
         else:
@@ -343,9 +358,9 @@ class HoldingQueues(RuleBasedStateMachine):
         model = self.model
         for tenant in TENANTS:
             orders = self.on_stores(partial(_holding_order, tenant=tenant))
-            assert orders == [model.holding.get(tenant, [])] * 2, tenant
+            assert orders == self.each(model.holding.get(tenant, [])), tenant
             usage = (len(model.holding.get(tenant, [])), len(model.active.get(tenant, [])))
-            assert self.on_stores(partial(_usage, tenant=tenant)) == [usage, usage], tenant
+            assert self.on_stores(partial(_usage, tenant=tenant)) == self.each(usage), tenant
         infos = self.on_stores(lambda store: store.get_many(model.created))
         for found in infos:
             assert {info.id: info.state for info in found} == model.states
@@ -370,7 +385,7 @@ async def _usage(store: Store, *, tenant: str) -> tuple[int, int]:
 def test_holding_queues_follow_a_list_model(
     backend: str, options: dict[str, object], tmp_path: Path
 ) -> None:
-    """Random enqueues, moves, aborts, claims and ends keep both stores' holding queues and
+    """Random enqueues, moves, aborts, claims and ends keep every store's holding queues and
     slots where a plain list model puts them."""
     examples = int(os.environ.get("FLEXQ_MODEL_EXAMPLES", "40"))
     runs = itertools.count()

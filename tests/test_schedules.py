@@ -22,6 +22,8 @@ from flexq._store.sqlite import _SCHEMA as sqlite_schema
 from flexq._store.sqlite import SCHEMA_VERSION
 from flexq.abc import NewJob, ScheduleFiring, ScheduleRecord
 
+from .conftest import postgres_url
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
@@ -293,11 +295,19 @@ async def test_a_restarted_queue_picks_up_its_schedules(tmp_path: Path) -> None:
         clock.now = START.timestamp()
 
 
-async def test_two_queues_on_one_sqlite_file_fire_each_time_once(sqlite_url: str) -> None:
-    """Two processes' firing loops race for every fire time; each time gets one job."""
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_two_queues_on_one_database_fire_each_time_once(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    """Two processes' firing loops (on one SQLite file, or one PostgreSQL schema) race for
+    every fire time; each time gets one job."""
+    if database == "sqlite":
+        url: str = request.getfixturevalue("sqlite_url")
+    else:
+        url = postgres_url(request.getfixturevalue("pg_schema"))
     clock = Clock()
-    first, report = hourly_queue(sqlite_url, clock)
-    second, _ = hourly_queue(sqlite_url, clock)
+    first, report = hourly_queue(url, clock)
+    second, _ = hourly_queue(url, clock)
     async with first, second:
         await first.schedule("every-minute", "* * * * *", report, "eu", misfire="run_all")
         for _ in range(20):

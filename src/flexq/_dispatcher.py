@@ -197,7 +197,13 @@ class Dispatcher:
 
     async def _claim_for(self, pool: _Pool) -> None:
         """Claim jobs of the pool's tasks for its free places, tenant by tenant."""
-        while not self._stopped and pool.fairness and (free := self._free(pool)) > 0:
+        # Overload may begin during the store calls above: no claim once it has.
+        while (
+            not self._stopped
+            and pool.fairness
+            and not self._monitor.overloaded
+            and (free := self._free(pool)) > 0
+        ):
             wanted = pool.fairness.allocate(free)
             now = self._clock()
             jobs = await self._store.claim(self._owner, wanted, pool.tasks, now, now + self._lease)

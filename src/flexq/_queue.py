@@ -48,6 +48,7 @@ from flexq._states import Kind, State
 from flexq._store.base import (
     DependentJob,
     EnqueueResult,
+    EnqueuesInTransaction,
     EnqueueUnit,
     JobFilter,
     NewJob,
@@ -121,7 +122,8 @@ class Queue:
     """A durable job queue that runs its jobs in this event loop.
 
     Args:
-        url: ``"sqlite:///flexq.db"`` (the default), ``"memory://"``, or a Store object.
+        url: ``"sqlite:///flexq.db"`` (the default), ``"memory://"``,
+            ``"postgresql://user@host/database"``, or a Store object.
         workers: how many jobs run at once in this process.
         lease: seconds a claimed job is held before another process may take it over, unless
             renewed (this process renews every third of it while the job runs).
@@ -148,6 +150,8 @@ class Queue:
             run at once in this process, besides the ``workers``.
         callout_timeout: seconds a request through ``ctx.http`` may take (connecting,
             sending, waiting for data) before it fails with :class:`CalloutFailed`.
+        schema: the PostgreSQL schema of flexq's tables (default ``"flexq"``, or the URL's
+            ``?schema=``); only for ``postgresql://`` URLs.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class Queue:
         reserved_workers: int = 1,
         callout_concurrency: int = 100,
         callout_timeout: float = 10.0,
+        schema: str | None = None,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
@@ -187,8 +192,10 @@ class Queue:
         _check_seconds("grace_period", grace_period, allow_zero=True)
         if max_loop_lag is not None:
             _check_seconds("max_loop_lag", max_loop_lag, allow_zero=False)
+        if schema is not None and not isinstance(url, str):
+            raise InvalidArguments("schema= goes with a postgresql:// URL, not a Store object")
+        self._store: Store = store_from_url(url, schema=schema) if isinstance(url, str) else url
         self._limits = LimitTable(limits, tenant_limits)
-        self._store: Store = store_from_url(url) if isinstance(url, str) else url
         self._store.set_limits(self._limits)
         self.worker_count = workers
         self.lease = lease
@@ -472,6 +479,7 @@ class Queue:
             group.start_soon(monitor.run)
         group.start_soon(upkeep.maintain_forever)
         group.start_soon(upkeep.prune_forever)
+        group.start_soon(self._store.listen, self._work_elsewhere, self._free_workers)
         group.start_soon(self._dispatch, dispatcher, self._dispatcher_done)
         self._scheduler = Scheduler(
             store=self._store, tasks=self._tasks, clock=self._clock,
@@ -529,6 +537,17 @@ class Queue:
             )
             for record in await self._store.list_workers()
         ]
+
+    def _work_elsewhere(self, tenants: list[str] | None, run_at: float | None) -> None:
+        """Another process made work ready (heard by the store's ``listen``)."""
+        if self._dispatcher is not None:
+            if tenants is None:
+                self._dispatcher.poll_now()
+            else:
+                self._dispatcher.notify(tenants, run_at)
+
+    def _free_workers(self) -> int:
+        return self._runner.free_slots if self._runner is not None else 0
 
     def _slot_freed(self) -> None:
         if self._dispatcher is not None:
@@ -588,6 +607,7 @@ class Queue:
         depends_on: Sequence[JobId] | None = None,
         on_parent_failure: OnParentFailure = "abort",
         not_before: datetime | None = None,
+        connection: object | None = None,
     ) -> JobId:
         """Store a job durably and return its id; a worker runs it when its turn comes.
 
@@ -610,6 +630,9 @@ class Queue:
             on_parent_failure: what a parent that ends FAILED or ABORTED does to this job:
                 ``"abort"`` (the default) aborts it, with an error naming the parent;
                 ``"run"`` lets it run once its other parents are done.
+            connection: the application's own psycopg connection (PostgreSQL store only):
+                the job is written in its transaction, so it exists if and only if that
+                transaction commits.
 
         Raises:
             UnknownTask: the task is not registered with this queue.
@@ -634,7 +657,7 @@ class Queue:
             )  # fmt: skip
         return await self._enqueue_one(
             task, args, kwargs, tenant=tenant, priority=priority, delay=delay, run_at=run_at,
-            key=key, on_duplicate=on_duplicate, parent_id=None,
+            key=key, on_duplicate=on_duplicate, parent_id=None, connection=connection,
         )  # fmt: skip
 
     async def enqueue_many(
@@ -646,11 +669,13 @@ class Queue:
         delay: float | None = None,
         run_at: datetime | None = None,
         on_duplicate: OnDuplicate = "raise",
+        connection: object | None = None,
     ) -> list[JobId]:
         """Enqueue many calls in one transaction: all are written, or none.
 
         Options given here apply to every call unless the call sets its own with
-        :meth:`Call.with_options`. Returns the ids in the order of ``calls``.
+        :meth:`Call.with_options`. Returns the ids in the order of ``calls``. With
+        ``connection`` (see :meth:`enqueue`) that transaction is the caller's.
         """
         self._check_open()
         _check_on_duplicate(on_duplicate)
@@ -676,7 +701,7 @@ class Queue:
                 raise InvalidArguments("two calls share a tenant and key: each key is unique")
         if not jobs:
             return []
-        return await self._submit(jobs, on_duplicate)
+        return await self._submit(jobs, on_duplicate, connection)
 
     async def _enqueue_one(
         self,
@@ -691,15 +716,27 @@ class Queue:
         key: str | None,
         on_duplicate: OnDuplicate,
         parent_id: JobId | None,
+        connection: object | None = None,
     ) -> JobId:
         self._check_open()
         _check_on_duplicate(on_duplicate)
         options = self._options(tenant, priority, delay, run_at, key, self._clock())
         job = self._new_job(self._resolve(task), args, kwargs or {}, options, parent_id)
-        (job_id,) = await self._submit([job], on_duplicate)
+        (job_id,) = await self._submit([job], on_duplicate, connection)
         return job_id
 
-    async def _submit(self, jobs: list[NewJob], on_duplicate: OnDuplicate) -> list[JobId]:
+    async def _submit(
+        self, jobs: list[NewJob], on_duplicate: OnDuplicate, connection: object | None = None
+    ) -> list[JobId]:
+        if connection is not None:
+            # Not visible before the caller commits: the store's notification wakes workers.
+            if not isinstance(self._store, EnqueuesInTransaction):
+                raise InvalidArguments(f"{self._store!r} cannot write in a connection= of yours")
+            unit = EnqueueUnit(jobs, on_duplicate)
+            result = await self._store.enqueue_in(connection, unit, self._clock())
+            if isinstance(result, FlexqError):
+                raise result
+            return result
         result = await self._enqueuer.submit(EnqueueUnit(jobs, on_duplicate))
         if isinstance(result, FlexqError):
             raise result
@@ -1275,8 +1312,9 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
 
 
 def _is_text(value: object, max_length: int) -> bool:
-    """A non-empty string of at most ``max_length`` characters that UTF-8 can encode."""
-    if not isinstance(value, str) or not value or len(value) > max_length:
+    """A non-empty string of at most ``max_length`` characters that UTF-8 can encode, without
+    NUL (which PostgreSQL's text cannot hold)."""
+    if not isinstance(value, str) or not value or len(value) > max_length or "\x00" in value:
         return False
     try:
         value.encode()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from flexq._errors import DuplicateJob, InvalidArguments, LimitExceeded
 from flexq._models import (
@@ -19,7 +19,7 @@ from flexq._serialize import loads
 from flexq._states import Kind, State, check_transition
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
     from flexq._limits import LimitTable
 
@@ -439,6 +439,21 @@ class Store(Protocol):
     async def prune_workers(self, seen_before: float) -> int:
         """Forget workers not seen since ``seen_before`` (their process died); return how many."""
 
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
+        """Until cancelled, call ``wake(tenants, run_at)`` when another process made work ready.
+
+        ``tenants`` have QUEUED jobs now, and ``run_at`` is the earliest time of a new
+        SCHEDULED job; ``tenants`` None means "look at the store". ``free_workers`` says how
+        many jobs this process could start now: while it listens, a store need not wake other
+        processes for work this process takes on itself. A store that cannot hear other
+        processes (memory, SQLite) just waits to be cancelled: the dispatcher's poll finds
+        their work.
+        """
+
 
 ACTIVE_BATCH_STATES = frozenset({State.QUEUED, State.SCHEDULED, State.PREPARING, State.PROCESSING})
 """States in which a batch job holds one of its tenant's active slots."""
@@ -454,6 +469,17 @@ def holding_full(tenant: str, max_holding: int) -> LimitExceeded:
         f"tenant {tenant!r} has {max_holding} batch jobs in its holding queue already"
         f" (max_holding={max_holding}); nothing was enqueued"
     )
+
+
+@runtime_checkable
+class EnqueuesInTransaction(Protocol):
+    """A store that can write jobs in a transaction of the application's own connection."""
+
+    async def enqueue_in(self, connection: object, unit: EnqueueUnit, now: float) -> EnqueueResult:
+        """Insert the unit's jobs through ``connection``, in its current transaction.
+
+        Raises InvalidArguments for a connection of a kind the store cannot use.
+        """
 
 
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:

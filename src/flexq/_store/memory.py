@@ -40,7 +40,7 @@ from flexq._store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
 
 @dataclasses.dataclass(slots=True)
@@ -461,6 +461,13 @@ class MemoryStore:
         for _, _, job_id in finished[:limit]:
             del self._rows[job_id]
         return len(finished[:limit])
+
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
+        await anyio.sleep_forever()
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -778,6 +778,13 @@ class SQLiteStore:
             db.executemany("DELETE FROM flexq_batches WHERE job_id = ?", batches)
             return len(doomed)
 
+    async def listen(
+        self,
+        wake: Callable[[list[str] | None, float | None], None],
+        free_workers: Callable[[], int],
+    ) -> None:
+        await anyio.sleep_forever()
+
     # -- queries ----------------------------------------------------------------------------
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -1,0 +1,545 @@
+"""What only the PostgreSQL store does: schema and migrations, URLs, wake-ups across processes
+through LISTEN/NOTIFY, reconnection after the server dropped a connection, concurrent claims."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import psycopg
+import pytest
+
+import flexq
+from flexq import (
+    DuplicateJob,
+    FlexqError,
+    InvalidArguments,
+    JobNotFound,
+    LimitExceeded,
+    Limits,
+    State,
+    StoreError,
+)
+from flexq._limits import LimitTable
+from flexq._states import Kind
+from flexq._store import _pg_migrations as migrations
+from flexq._store.base import ACTIVE_BATCH_STATES, DependentJob, EnqueueUnit, JobFilter, Outcome
+from flexq._store.postgres import PostgresStore
+from flexq._store.url import store_from_url
+
+from .conftest import POSTGRES_DSN, make_queue, postgres_url
+from .test_store_conformance import OWNER, T0, TASKS, job, put
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+
+@pytest.fixture
+async def pg_store(pg_schema: str) -> AsyncIterator[PostgresStore]:
+    """An open PostgreSQL store in a schema of its own."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def sql(query: str, *params: object) -> list[tuple[object, ...]]:
+    """Run one statement on a connection of the test's own (not the store's)."""
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def terminate(pids: set[int]) -> None:
+    """Kill the server processes of some connections, as an administrator or a restart would."""
+    sql("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS p(pid)", sorted(pids))
+
+
+def test_urls_select_the_postgres_store_with_its_options() -> None:
+    """postgresql:// and postgres:// URLs make a PostgresStore; flexq's options are taken out of
+    the DSN, libpq's are left in."""
+    store = store_from_url("postgresql://u@h:5/db?schema=jobs&connections=2&sslmode=disable")
+    assert isinstance(store, PostgresStore)
+    assert (store.schema, store.dsn) == ("jobs", "postgresql://u@h:5/db?sslmode=disable")
+    other = store_from_url("postgres://u@h/db")
+    assert isinstance(other, PostgresStore)
+    assert other.schema == "flexq"
+    with pytest.raises(InvalidArguments):
+        store_from_url("postgresql://h/db?connections=many")
+
+
+def test_queue_takes_the_schema_as_a_keyword() -> None:
+    """flexq.Queue(dsn, schema=...) picks the schema, over the URL's; other stores refuse it."""
+    queue = flexq.Queue("postgresql://u@h/db?schema=a", schema="b")
+    assert isinstance(queue.store, PostgresStore)
+    assert queue.store.schema == "b"
+    with pytest.raises(InvalidArguments):
+        flexq.Queue("memory://", schema="b")
+
+
+@pytest.mark.parametrize("schema", ["Upper", "x; DROP TABLE y", "", "a" * 64, "1abc"])
+def test_schema_names_must_be_plain_identifiers(schema: str) -> None:
+    """A schema name is never pasted into SQL unless it is a plain lower-case identifier."""
+    with pytest.raises(InvalidArguments):
+        PostgresStore(POSTGRES_DSN, schema=schema)
+
+
+async def test_open_creates_the_schema_once_and_records_migrations(pg_schema: str) -> None:
+    """Opening creates the schema and applies every migration once; stores opened at the same
+    time in several connections serialize on the advisory lock and agree."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(4)]
+    async with anyio.create_task_group() as group:
+        for store in stores:
+            group.start_soon(store.open)
+    for store in stores:
+        await store.close()
+    rows = sql(f'SELECT version FROM "{pg_schema}".flexq_migrations ORDER BY version')
+    assert rows == [(m.version,) for m in migrations.MIGRATIONS]
+    reopened = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await reopened.open()
+    await reopened.close()
+    assert len(sql(f'SELECT version FROM "{pg_schema}".flexq_migrations')) == len(rows)
+
+
+async def test_a_newer_schema_is_refused(pg_store: PostgresStore, pg_schema: str) -> None:
+    """A schema migrated by a newer flexq is not used by an older one."""
+    await pg_store.close()
+    newer = migrations.SCHEMA_VERSION + 1
+    sql(f"INSERT INTO \"{pg_schema}\".flexq_migrations VALUES (%s, 'future', now())", newer)
+    with pytest.raises(FlexqError, match="upgrade flexq"):
+        await pg_store.open()
+
+
+async def test_sql_looking_input_is_stored_as_data(pg_store: PostgresStore) -> None:
+    """Tenants, keys and arguments that look like SQL are stored and returned as they were."""
+    evil = "x'); DROP TABLE flexq_jobs; --"
+    new = job("a", tenant=evil, key=evil)._replace(args='["\\u0000", "%s", "{s}"]')
+    await put(pg_store, new)
+    info = await pg_store.get("a")
+    assert (info.tenant, info.key, info.args) == (evil, evil, ("\x00", "%s", "{s}"))
+    assert await pg_store.ready_tenants(TASKS) == [evil]
+
+
+async def test_nul_in_a_tenant_or_key_is_refused_before_anything_is_written(
+    pg_schema: str,
+) -> None:
+    """PostgreSQL text cannot hold NUL: such a tenant or key is bad input, refused at the call
+    (not a StoreError that would fail the other enqueues of its group commit)."""
+    queue = make_queue(postgres_url(pg_schema))
+
+    @queue.task(name="t")
+    async def t() -> None:
+        pass
+
+    async with queue:
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, tenant="a\x00b")
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, key="k\x00")
+        assert sum((await queue.counts()).values()) == 0
+
+
+async def test_store_calls_fail_while_the_server_is_unreachable(pg_schema: str) -> None:
+    """A database that cannot be reached is a StoreError, with the driver's error as cause."""
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", schema=pg_schema)
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+
+
+async def test_store_reconnects_after_its_connections_were_terminated(
+    pg_store: PostgresStore,
+) -> None:
+    """Idle connections killed by the server are replaced before the next call: nothing fails,
+    not even writes (which are never tried twice)."""
+    await put(pg_store, job("a"), job("b"))
+    pids = set(pg_store._pool.backend_pids)
+    assert pids
+    terminate(pids)
+    await anyio.sleep(0.2)  # the server closes them on its own time
+    for n in range(8):
+        await put(pg_store, job(f"c{n}"))
+    assert pg_store._pool.backend_pids - pids, "no connection was replaced"
+
+
+async def test_a_key_raced_by_two_stores_is_taken_once(pg_schema: str) -> None:
+    """Two processes enqueueing the same key at once: one job is created, the other caller
+    learns its id."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    results: list[object] = []
+
+    async def enqueue(store: PostgresStore, job_id: str) -> None:
+        for attempt in range(20):
+            (result,) = await store.enqueue(
+                [flexq.abc.EnqueueUnit([job(f"{job_id}{attempt}", key=f"k{attempt}")], "raise")],
+                T0,
+            )
+            results.append(result)
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(enqueue, stores[0], "a")
+            group.start_soon(enqueue, stores[1], "b")
+    finally:
+        for store in stores:
+            await store.close()
+    created = [r for r in results if isinstance(r, list)]
+    duplicates = [r for r in results if isinstance(r, DuplicateJob)]
+    assert (len(created), len(duplicates)) == (20, 20)
+    assert {d.existing_id for d in duplicates} == {r[0] for r in created}
+
+
+async def test_concurrent_claims_never_take_the_same_job(pg_schema: str) -> None:
+    """Several stores claiming at once share the jobs out: each job is claimed exactly once."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    await put(stores[0], *(job(f"j{i}", tenant=f"t{i % 3}") for i in range(300)))
+    claimed: list[str] = []
+
+    async def drain(store: PostgresStore, owner: str) -> None:
+        while True:
+            jobs = await store.claim(owner, {"t0": 7, "t1": 7, "t2": 7}, TASKS, T0, T0 + 10)
+            if not jobs:
+                return
+            claimed.extend(j.id for j in jobs)
+
+    try:
+        async with anyio.create_task_group() as group:
+            for n, store in enumerate(stores):
+                group.start_soon(drain, store, f"{OWNER}-{n}")
+    finally:
+        for store in stores:
+            await store.close()
+    assert sorted(claimed) == sorted(f"j{i}" for i in range(300))
+
+
+async def test_enqueue_in_another_process_wakes_idle_workers(pg_schema: str) -> None:
+    """A queue that polls once a minute still starts another process's job at once: the
+    enqueue's NOTIFY wakes it (the producer is a separate store, as another process is)."""
+    url = postgres_url(pg_schema)
+    worker = make_queue(url, poll_interval=60.0)
+    producer = make_queue(url)
+    started = anyio.Event()
+
+    for queue in (worker, producer):
+
+        @queue.task(name="probe")
+        async def probe() -> None:
+            started.set()
+
+    async with worker:
+        await producer.open()
+        try:
+            await anyio.sleep(0.2)  # the worker's first poll is over: it sleeps for a minute
+            with anyio.fail_after(10):
+                await producer.enqueue("probe")
+                await started.wait()
+        finally:
+            await producer.close()
+
+
+async def test_listen_connection_is_reopened_after_it_was_terminated(pg_schema: str) -> None:
+    """A LISTEN connection that the server dropped is reopened, and wake-ups resume."""
+    url = postgres_url(pg_schema)
+    worker = make_queue(url, poll_interval=60.0)
+    producer = make_queue(url)
+    runs: list[int] = []
+    ran = anyio.Event()
+
+    for queue in (worker, producer):
+
+        @queue.task(name="probe")
+        async def probe(n: int) -> None:
+            runs.append(n)
+            ran.set()
+
+    async with worker:
+        await producer.open()
+        try:
+            await anyio.sleep(0.2)
+            listeners = sql(
+                "SELECT pid FROM pg_stat_activity WHERE query = %s",
+                f'LISTEN "flexq_{pg_schema}"',
+            )
+            assert len(listeners) == 1
+            terminate({int(str(pid)) for (pid,) in listeners})
+            await anyio.sleep(1.0)  # the listener notices and reconnects (backoff from 0.1 s)
+            for n in range(3):
+                ran = anyio.Event()
+                with anyio.fail_after(10):
+                    await producer.enqueue("probe", n)
+                    await ran.wait()
+        finally:
+            await producer.close()
+    assert runs == [0, 1, 2]
+
+
+async def test_jobs_complete_while_the_server_keeps_killing_connections(pg_schema: str) -> None:
+    """Every connection of a running queue is terminated again and again while it works: calls
+    fail and are retried, connections are reopened, and every job ends COMPLETED."""
+    queue = make_queue(postgres_url(pg_schema), workers=8)
+
+    @queue.task(name="nap")
+    async def nap(n: int) -> int:
+        await anyio.sleep(0.01)
+        return n
+
+    async with queue:
+        ids = await queue.enqueue_many([flexq.Call(nap, n) for n in range(600)])
+        store = queue.store
+        assert isinstance(store, PostgresStore)
+        for _ in range(6):
+            await anyio.sleep(0.15)
+            listeners = sql(
+                "SELECT pid FROM pg_stat_activity WHERE query = %s", f'LISTEN "flexq_{pg_schema}"'
+            )
+            terminate(store._pool.backend_pids | {int(str(pid)) for (pid,) in listeners})
+        with anyio.fail_after(30):
+            infos = [await queue.wait(job_id) for job_id in ids]
+    assert [(info.state, info.result) for info in infos] == [
+        (State.COMPLETED, n) for n in range(600)
+    ]
+
+
+async def open_app_connection(
+    kind: str,
+) -> psycopg.Connection[tuple[Any, ...]] | psycopg.AsyncConnection[tuple[Any, ...]]:
+    """The application's own connection, of a kind that works on the running loop."""
+    if kind == "async":
+        return await psycopg.AsyncConnection.connect(POSTGRES_DSN)
+    return await anyio.to_thread.run_sync(psycopg.connect, POSTGRES_DSN)
+
+
+async def finish(
+    conn: psycopg.Connection[tuple[Any, ...]] | psycopg.AsyncConnection[tuple[Any, ...]],
+    how: str,
+) -> None:
+    """Commit or roll back the application's transaction, and close its connection."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        await (conn.commit() if how == "commit" else conn.rollback())
+        await conn.close()
+    else:
+        await anyio.to_thread.run_sync(conn.commit if how == "commit" else conn.rollback)
+        await anyio.to_thread.run_sync(conn.close)
+
+
+async def test_enqueue_in_the_applications_transaction(pg_schema: str) -> None:
+    """A job enqueued with connection= exists if and only if the application's transaction
+    commits; once it does, the NOTIFY sent in it wakes the (slow-polling) workers."""
+    await check_enqueue_in_transaction(pg_schema, "sync")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_enqueue_in_an_async_connections_transaction(pg_schema: str) -> None:
+    """The same with psycopg's AsyncConnection, which only asyncio can drive."""
+    await check_enqueue_in_transaction(pg_schema, "async")
+
+
+async def check_enqueue_in_transaction(pg_schema: str, kind: str) -> None:
+    queue = make_queue(postgres_url(pg_schema), poll_interval=60.0)
+    ran: list[int] = []
+    done = anyio.Event()
+
+    @queue.task(name="t")
+    async def t(n: int) -> None:
+        ran.append(n)
+        done.set()
+
+    async with queue:
+        await anyio.sleep(0.2)  # past the first poll: only a notification wakes the workers
+        conn = await open_app_connection(kind)
+        dropped = await queue.enqueue(t, 1, connection=conn)
+        (kept,) = await queue.enqueue_many([flexq.Call(t, 2)], connection=conn)
+        with pytest.raises(JobNotFound):
+            await queue.get(kept)  # not committed yet: invisible to everyone else
+        await finish(conn, "rollback")
+        with pytest.raises(JobNotFound):
+            await queue.get(dropped)
+        conn = await open_app_connection(kind)
+        kept = await queue.enqueue(t, 3, key="k", connection=conn)
+        with pytest.raises(DuplicateJob):
+            await queue.enqueue(t, 4, key="k", connection=conn)
+        await finish(conn, "commit")  # the duplicate left the transaction usable
+        with anyio.fail_after(10):
+            await done.wait()
+        assert (await queue.wait(kept, timeout=10)).state is State.COMPLETED
+    assert ran == [3]
+
+
+@pytest.mark.parametrize(
+    ("kind", "anyio_backend"), [("sync", "asyncio"), ("sync", "trio"), ("async", "asyncio")]
+)
+async def test_batch_jobs_enqueued_in_the_applications_transaction_join_the_holding_queue(
+    pg_store: PostgresStore, kind: str
+) -> None:
+    """Batch jobs written in the application's transaction take a free slot or their place in
+    the holding queue when it commits; one that overflows the holding queue is refused and
+    leaves the transaction usable."""
+    pg_store.set_limits(LimitTable(Limits(max_active_batches=1, max_holding=1)))
+    conn = await open_app_connection(kind)
+    results = [
+        await pg_store.enqueue_in(conn, EnqueueUnit([job(job_id, kind=Kind.BATCH)], "raise"), T0)
+        for job_id in ("b1", "b2", "b3")
+    ]
+    assert results[:2] == [["b1"], ["b2"]]
+    assert isinstance(results[2], LimitExceeded)
+    assert await pg_store.usage("acme") == (0, 0)  # not committed yet
+    await finish(conn, "commit")
+    assert await pg_store.usage("acme") == (1, 1)
+    assert await pg_store.holding_order("acme") == ["b2"]
+    assert (await pg_store.get("b1")).state is State.QUEUED
+    counts, errors = await pg_store.batch_summary("b2")
+    assert (counts.prepared, errors) == (False, [])
+    with pytest.raises(JobNotFound):
+        await pg_store.get("b3")
+
+
+async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:
+    """Other stores refuse connection= rather than write outside the caller's transaction."""
+    queue = make_queue("memory://")
+
+    @queue.task(name="t")
+    async def t() -> None:
+        pass
+
+    async with queue:
+        with pytest.raises(InvalidArguments):
+            await queue.enqueue(t, connection=object())
+
+
+async def test_two_processes_never_fill_a_sixth_batch_slot(pg_schema: str) -> None:
+    """Two stores (two processes' connections) enqueue, claim and complete batch jobs of one
+    tenant at once; it never has more than its 5 batch jobs active, and all of them run."""
+    limits = LimitTable(Limits(max_active_batches=5, max_holding=1000))
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        store.set_limits(limits)
+        await store.open()
+    active = (
+        f'SELECT count(*) FROM "{pg_schema}".flexq_jobs'
+        " WHERE tenant = 'acme' AND kind = 'batch' AND state = ANY(%s)"
+    )
+    seen: list[int] = []
+    per_store = 100
+
+    async def check(store: PostgresStore) -> None:
+        seen.append((await store.usage("acme"))[1])
+
+    async def complete(store: PostgresStore, owner: str, job_id: str) -> None:
+        written = await store.report(owner, [Outcome(job_id, State.COMPLETED, "null")], T0)
+        assert written == [job_id]
+        await check(store)
+
+    async def churn(store: PostgresStore, owner: str) -> None:
+        mine: list[str] = []
+        for n in range(per_store):
+            await put(store, job(f"{owner}-{n}", kind=Kind.BATCH))
+            await check(store)
+            claimed = await store.claim(owner, {"acme": 5}, TASKS, T0, T0 + 600)
+            mine += [c.id for c in claimed]
+            while len(mine) > 2:  # keep some slots busy: the limit binds
+                await complete(store, owner, mine.pop(0))
+        while True:
+            mine += [c.id for c in await store.claim(owner, {"acme": 5}, TASKS, T0, T0 + 600)]
+            if not mine:
+                if (await store.counts(JobFilter(tenant="acme"))).get(State.COMPLETED) == 2 * (
+                    per_store
+                ):
+                    return
+                await anyio.sleep(0.01)  # the other store still holds some
+                continue
+            await complete(store, owner, mine.pop(0))
+
+    async def watch(done: anyio.Event) -> None:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            while not done.is_set():
+                row = conn.execute(active, (sorted(ACTIVE_BATCH_STATES),)).fetchone()
+                seen.append(row[0] if row else 0)
+                await anyio.lowlevel.checkpoint()
+
+    try:
+        done = anyio.Event()
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(watch, done)
+            async with anyio.create_task_group() as group:
+                group.start_soon(churn, stores[0], "one")
+                group.start_soon(churn, stores[1], "two")
+            done.set()
+        counts = await stores[0].counts(JobFilter(tenant="acme"))
+        usage = await stores[1].usage("acme")
+    finally:
+        for store in stores:
+            await store.close()
+    assert max(seen) == 5, "the slots never filled up: the test raced nothing"
+    assert counts == {State.COMPLETED: 2 * per_store}
+    assert usage == (0, 0)
+
+
+async def test_parents_ended_at_once_in_two_processes_release_their_common_children(
+    pg_schema: str,
+) -> None:
+    """Each child waits for two parents that two stores complete in concurrent reports; every
+    child is released (neither report may leave it waiting for the other's parent)."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        for round_ in range(5):
+            pairs = [(f"a{round_}-{n}", f"b{round_}-{n}") for n in range(40)]
+            await put(stores[0], *(job(p) for pair in pairs for p in pair))
+            children = [
+                DependentJob(job(f"c{round_}-{n}", task="u"), pair) for n, pair in enumerate(pairs)
+            ]
+            await stores[0].enqueue_dependent(children, T0)
+            for side, (store, owner) in enumerate(zip(stores, ("one", "two"), strict=True)):
+                ids = [pair[side] for pair in pairs]
+                assert len(await store.claim_jobs(owner, ids, {"t"}, T0, T0 + 60)) == len(ids)
+
+            async with anyio.create_task_group() as group:
+                for side, owner in enumerate(("one", "two")):
+                    outcomes = [Outcome(pair[side], State.COMPLETED, "null") for pair in pairs]
+                    group.start_soon(stores[side].report, owner, outcomes, T0)
+            infos = await stores[1].get_many([child.job.id for child in children])
+            assert {info.state for info in infos} == {State.QUEUED}
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
+    pg_schema: str,
+) -> None:
+    """One store adds dependants of running jobs while another completes those jobs: each
+    dependant either sees its parent ended, or is released by the report that ends it."""
+    stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    parents = [f"p{n}" for n in range(60)]
+    try:
+        await put(stores[0], *(job(p) for p in parents))
+        assert len(await stores[1].claim_jobs(OWNER, parents, {"t"}, T0, T0 + 60)) == 60
+
+        async def add_children() -> None:
+            for n, parent in enumerate(parents):
+                await stores[0].enqueue_dependent(
+                    [DependentJob(job(f"c{n}", task="u"), (parent,))], T0
+                )
+
+        async def end_parents() -> None:
+            for parent in parents:
+                await stores[1].report(OWNER, [Outcome(parent, State.COMPLETED, "null")], T0)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(add_children)
+            group.start_soon(end_parents)
+        infos = await stores[0].get_many([f"c{n}" for n in range(60)])
+    finally:
+        for store in stores:
+            await store.close()
+    assert {info.state for info in infos} == {State.QUEUED}
