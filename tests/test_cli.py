@@ -7,6 +7,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.parse
 from typing import TYPE_CHECKING
 
 import anyio
@@ -63,6 +65,13 @@ def old_pg_schema(schema: str, version: int) -> None:
     """A schema as the flexq whose last migration was ``version`` left it."""
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
         PostgresStore(POSTGRES_DSN, schema=schema)._migrate(conn, target=version)
+
+
+def created(url: str) -> bool:
+    """Whether the store of a URL of the ``versioned_url`` fixture exists: a file, a schema."""
+    if url.startswith("sqlite:///"):
+        return os.path.exists(url.removeprefix("sqlite:///"))
+    return schema_exists(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["schema"])
 
 
 def sqlite_file_schema(path: Path) -> list[tuple[object, ...]]:
@@ -217,14 +226,28 @@ def test_a_newer_postgres_schema_is_refused_and_left_alone(pg_schema: str) -> No
 
 
 def test_processes_that_migrate_at_once_take_turns(pg_schema: str) -> None:
-    """Several `flexq migrate` started together: one creates the schema, the others find it
-    done, and every migration is applied once."""
+    """Several `flexq migrate` started together wait for the schema's advisory lock and take
+    turns: one creates the schema, the others find it done, each migration is applied once."""
+    waiting = """
+        SELECT count(*) FROM pg_locks AS w JOIN pg_locks AS h
+            ON (w.classid, w.objid, w.objsubid) = (h.classid, h.objid, h.objsubid)
+        WHERE w.locktype = 'advisory' AND h.locktype = 'advisory' AND NOT w.granted
+            AND h.granted AND h.pid = pg_backend_pid()"""
     command = [sys.executable, "-m", "flexq", "migrate", postgres_url(pg_schema)]
-    processes = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(4)
-    ]
-    outputs = [process.communicate(timeout=60) for process in processes]
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as lock:
+        lock.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"flexq.migrate.{pg_schema}",)
+        )
+        processes = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        deadline = time.monotonic() + 30
+        while (row := lock.execute(waiting).fetchone()) is None or row[0] < len(processes):
+            assert time.monotonic() < deadline, "the processes did not wait for the lock"
+            time.sleep(0.05)
+        lock.execute("SELECT pg_advisory_unlock_all()")
+        outputs = [process.communicate(timeout=60) for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, outputs
     heads = sorted(out.splitlines()[0] for out, _ in outputs)
     assert heads == [
@@ -350,6 +373,7 @@ async def test_migrate_false_refuses_a_missing_schema_and_creates_nothing(
     with pytest.raises(flexq.SchemaVersionError, match="run `flexq migrate`") as caught:
         await queue.open()
     assert (caught.value.found, caught.value.expected) == (0, LATEST)
+    assert not created(versioned_url)
     result = await anyio.to_thread.run_sync(flexq_command, "migrate", "--check", versioned_url)
     assert result.returncode == 3
     assert "no flexq schema" in result.stdout
