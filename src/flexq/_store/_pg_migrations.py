@@ -1,4 +1,5 @@
-"""The PostgreSQL schema, as numbered migrations that the store applies when it opens.
+"""The PostgreSQL schema, as numbered migrations that the store applies when it opens (unless
+made with ``migrate=False``) and that ``flexq migrate`` applies.
 
 Each migration is applied once, in order, in one transaction, and recorded in
 ``flexq_migrations``. Never edit a migration that has shipped: add the next one. The SQL names
