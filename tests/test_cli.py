@@ -281,6 +281,12 @@ def test_a_bad_url_is_one_line_of_error(tmp_path: Path, url: str, message: str) 
     assert "hunter2" not in result.stderr
 
 
+def test_an_error_that_quotes_the_url_masks_its_password() -> None:
+    """The URL in an error message is shown with its password replaced by ***."""
+    result = flexq_command("migrate", "mysql://app:hunter2@db/app")
+    assert result.stderr.startswith("flexq: error: unsupported store URL 'mysql://app:***@db/app'")
+
+
 def test_a_sqlite_file_that_cannot_be_made_is_an_error(tmp_path: Path) -> None:
     """A SQLite path in a missing directory: exit 1, one line."""
     result = flexq_command("migrate", f"sqlite:///{tmp_path / 'missing' / 'jobs.db'}")

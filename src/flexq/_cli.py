@@ -125,5 +125,5 @@ def _fail(error: FlexqError, url: str) -> None:
     message = " ".join(str(error).split())
     password = urllib.parse.urlsplit(url).password
     if password:
-        message = message.replace(password, "***")
+        message = message.replace(f":{password}@", ":***@")
     print(f"flexq: error: {message}", file=sys.stderr)
