@@ -18,6 +18,7 @@ from flexq._errors import LimitExceeded as LimitExceeded
 from flexq._errors import NotHolding as NotHolding
 from flexq._errors import QueueClosed as QueueClosed
 from flexq._errors import ScheduleNotFound as ScheduleNotFound
+from flexq._errors import SchemaVersionError as SchemaVersionError
 from flexq._errors import StoreError as StoreError
 from flexq._errors import UnknownTask as UnknownTask
 from flexq._errors import WaitTimeout as WaitTimeout
@@ -82,6 +83,7 @@ __all__ = [
     "ScheduleInfo",
     "ScheduleNotFound",
     "ScheduleState",
+    "SchemaVersionError",
     "State",
     "StoreError",
     "Task",

@@ -100,6 +100,32 @@ class NotHolding(FlexqError):
         self.state = state
 
 
+class SchemaVersionError(FlexqError):
+    """The store's schema is not at the version this flexq uses, and flexq will not use it.
+
+    Either the schema is newer (made by a newer flexq: upgrade flexq), or it is older or
+    missing and the queue was made with ``migrate=False`` (run ``flexq migrate``). ``found``
+    is the schema's version (0: no schema), ``expected`` this flexq's.
+    """
+
+    def __init__(self, where: str, found: int, expected: int) -> None:
+        if found > expected:
+            message = (
+                f"{where} has flexq schema version {found}, newer than this flexq understands"
+                f" ({expected}): upgrade flexq"
+            )
+        else:
+            state = "has no flexq schema" if found == 0 else f"is at flexq schema version {found}"
+            message = (
+                f"{where} {state}, this flexq needs version {expected}: run `flexq migrate`"
+                " (or open the queue with migrate=True)"
+            )
+        super().__init__(message)
+        self.where = where
+        self.found = found
+        self.expected = expected
+
+
 class NotRetried(Exception):
     """Wraps an error that another attempt cannot mend (a result that is not JSON, a batch's
     ``finish`` that raised): the job fails at once. Internal to flexq."""

@@ -152,6 +152,9 @@ class Queue:
             sending, waiting for data) before it fails with :class:`CalloutFailed`.
         schema: the PostgreSQL schema of flexq's tables (default ``"flexq"``, or the URL's
             ``?schema=``); only for ``postgresql://`` URLs.
+        migrate: create or migrate the store's schema when the queue opens (the default). With
+            False, opening raises :class:`SchemaVersionError` unless the schema is already at
+            this flexq's version: for deployments that run ``flexq migrate`` in a release step.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class Queue:
         callout_concurrency: int = 100,
         callout_timeout: float = 10.0,
         schema: str | None = None,
+        migrate: bool = True,
     ) -> None:
         retention_seconds = (
             retention.total_seconds() if isinstance(retention, timedelta) else retention
@@ -194,7 +198,11 @@ class Queue:
             _check_seconds("max_loop_lag", max_loop_lag, allow_zero=False)
         if schema is not None and not isinstance(url, str):
             raise InvalidArguments("schema= goes with a postgresql:// URL, not a Store object")
-        self._store: Store = store_from_url(url, schema=schema) if isinstance(url, str) else url
+        if not migrate and not isinstance(url, str):
+            raise InvalidArguments("migrate= goes with a URL, not a Store object")
+        self._store: Store = (
+            store_from_url(url, schema=schema, migrate=migrate) if isinstance(url, str) else url
+        )
         self._limits = LimitTable(limits, tenant_limits)
         self._store.set_limits(self._limits)
         self.worker_count = workers
@@ -375,7 +383,13 @@ class Queue:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the store so this process can enqueue and query (no workers run)."""
+        """Open the store so this process can enqueue and query (no workers run).
+
+        Raises:
+            SchemaVersionError: the store's schema is newer than this flexq's, or (with
+                ``migrate=False``) older.
+            StoreError: the store cannot be reached.
+        """
         if self._open:
             raise FlexqError("the queue is already open")
         await self._store.open()

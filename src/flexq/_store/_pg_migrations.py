@@ -1,4 +1,5 @@
-"""The PostgreSQL schema, as numbered migrations that the store applies when it opens.
+"""The PostgreSQL schema, as numbered migrations that the store applies when it opens (unless
+made with ``migrate=False``) and that ``flexq migrate`` applies.
 
 Each migration is applied once, in order, in one transaction, and recorded in
 ``flexq_migrations``. Never edit a migration that has shipped: add the next one. The SQL names
@@ -14,22 +15,12 @@ partial index of their own.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from flexq._states import FINAL_STATES, RUNNING_STATES
-from flexq._store.base import ACTIVE_BATCH_STATES
+from flexq._store.base import ACTIVE_BATCH_STATES, Migration
 
 _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 _ACTIVE = ",".join(f"'{s}'" for s in sorted(ACTIVE_BATCH_STATES))
-
-
-class Migration(NamedTuple):
-    """One step of the schema: its number, what it does, and its SQL statements."""
-
-    version: int
-    description: str
-    sql: str
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -652,3 +652,43 @@ class WorkerRecord(NamedTuple):
     lease: float
     started_at: float
     last_seen: float
+
+
+class Migration(NamedTuple):
+    """One step of a store's schema: the version it makes, what it does, its SQL statements."""
+
+    version: int
+    description: str
+    sql: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """A store's schema against this flexq's, as found (and migrated) by ``flexq migrate``."""
+
+    where: str
+    """What holds the schema, for messages: ``schema 'flexq'``, or a SQLite file's path."""
+    version: int
+    """The version found; 0 when there was no schema."""
+    latest: int
+    """The version this flexq uses."""
+    applied: tuple[tuple[int, str], ...] = ()
+    """The migrations just applied (version and description), in order."""
+
+
+@runtime_checkable
+class VersionedStore(Protocol):
+    """A store with a versioned schema: SQLite and PostgreSQL, not memory.
+
+    Both methods work on a closed store too, on a connection of their own.
+    """
+
+    async def schema_status(self) -> SchemaStatus:
+        """Where the schema stands; changes nothing."""
+
+    async def migrate(self) -> SchemaStatus:
+        """Create the schema or bring it up to this flexq's version (what it found and did).
+
+        Raises:
+            SchemaVersionError: the schema is newer than this flexq's; nothing was changed.
+        """

@@ -26,6 +26,7 @@ is reopened with backoff, and its reopening triggers a poll).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -46,6 +47,7 @@ from flexq._errors import (
     JobNotFound,
     LimitExceeded,
     NotHolding,
+    SchemaVersionError,
     StoreError,
 )
 from flexq._limits import LimitTable
@@ -71,6 +73,7 @@ from flexq._store.base import (
     Recovered,
     ScheduleFiring,
     ScheduleRecord,
+    SchemaStatus,
     WaitFacts,
     WorkerRecord,
     checked_outcomes,
@@ -669,6 +672,8 @@ class PostgresStore:
         connections: how many connections (each on a thread of its own) run transactions at
             once; one more connection listens for notifications while workers run.
         connect_timeout: seconds to wait for a connection.
+        migrate: create or migrate the schema when the store opens (under an advisory lock);
+            if False, open only checks that the schema is at this flexq's version.
     """
 
     def __init__(
@@ -678,6 +683,7 @@ class PostgresStore:
         schema: str = "flexq",
         connections: int = 4,
         connect_timeout: float = 10.0,
+        migrate: bool = True,
     ) -> None:
         if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
             raise InvalidArguments(f"connections must be an int >= 1, not {connections!r}")
@@ -685,6 +691,7 @@ class PostgresStore:
         self.schema = check_schema(schema)
         self.channel = f"flexq_{schema}"
         self.connect_timeout = connect_timeout
+        self.migrates_on_open = migrate
         self._sql: dict[str, str] = {}
         self._free_workers: Callable[[], int] | None = None
         self._pool = _Connections(f"flexq-postgres:{schema}", connections, self._connect)
@@ -746,33 +753,67 @@ class PostgresStore:
             return
         self._pool.start()
         try:
-            await self._run(self._migrate)
+            await self._run(self._migrate if self.migrates_on_open else self._check)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._pool.stop()
             raise
 
-    def _migrate(self, conn: Connection) -> None:
+    async def schema_status(self) -> SchemaStatus:
+        return await self._alone(self._status)
+
+    async def migrate(self) -> SchemaStatus:
+        return await self._alone(self._migrate)
+
+    async def _alone(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(connection)`` on a connection of its own, whether the store is open or not."""
+
+        def call() -> T:
+            with self._connect() as conn:
+                return fn(conn)
+
+        try:
+            return await anyio.to_thread.run_sync(call)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
+
+    def _status(self, conn: Connection) -> SchemaStatus:
+        schema = f'"{self.schema}"'
+        row = conn.execute("SELECT to_regclass(%s)", (f"{schema}.flexq_migrations",)).fetchone()
+        version = 0
+        if row is not None and row[0] is not None:
+            found = conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {schema}.flexq_migrations"
+            ).fetchone()
+            version = found[0] if found else 0
+        return SchemaStatus(f"schema {self.schema!r}", version, SCHEMA_VERSION)
+
+    def _check(self, conn: Connection) -> None:
+        status = self._status(conn)
+        if status.version != SCHEMA_VERSION:
+            raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
+
+    def _migrate(self, conn: Connection, target: int = SCHEMA_VERSION) -> SchemaStatus:
+        """Apply the migrations the schema lacks, up to ``target`` (tests make older schemas),
+        in one transaction under an advisory lock: processes that start together take turns,
+        and the later ones find the work done."""
         schema = f'"{self.schema}"'
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                          (f"flexq.migrate.{self.schema}",))  # fmt: skip
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {schema}.flexq_migrations (version integer PRIMARY"
-                " KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            row = conn.execute(
-                f"SELECT coalesce(max(version), 0) FROM {schema}.flexq_migrations"
-            ).fetchone()
-            current = row[0] if row else 0
-            if current > SCHEMA_VERSION:
-                raise FlexqError(
-                    f"schema {self.schema!r} has flexq schema version {current}, newer than this"
-                    f" flexq understands ({SCHEMA_VERSION}): upgrade flexq"
+            status = self._status(conn)
+            if status.version > SCHEMA_VERSION:
+                raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
+            if status.version == 0:
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {schema}.flexq_migrations (version integer"
+                    " PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL"
+                    " DEFAULT now())"
                 )
+            applied: list[tuple[int, str]] = []
             for migration in MIGRATIONS:
-                if migration.version <= current:
+                if not status.version < migration.version <= target:
                     continue
                 for statement in statements(migration, schema):
                     conn.execute(statement)
@@ -780,6 +821,8 @@ class PostgresStore:
                     f"INSERT INTO {schema}.flexq_migrations (version, description) VALUES (%s, %s)",
                     (migration.version, migration.description),
                 )
+                applied.append((migration.version, migration.description))
+        return dataclasses.replace(status, applied=tuple(applied))
 
     async def close(self) -> None:
         await self._pool.stop()

@@ -9,6 +9,8 @@ end: a transaction is never left half done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import sqlite3
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +23,7 @@ from flexq._errors import (
     JobNotFound,
     LimitExceeded,
     NotHolding,
+    SchemaVersionError,
     StoreError,
 )
 from flexq._limits import LimitTable
@@ -38,12 +41,14 @@ from flexq._store.base import (
     EnqueueResult,
     EnqueueUnit,
     JobFilter,
+    Migration,
     NewJob,
     Outcome,
     Placement,
     Recovered,
     ScheduleFiring,
     ScheduleRecord,
+    SchemaStatus,
     WaitFacts,
     WorkerRecord,
     checked_outcomes,
@@ -177,11 +182,20 @@ CREATE TABLE IF NOT EXISTS flexq_dependencies (
 CREATE INDEX IF NOT EXISTS flexq_dependencies_child ON flexq_dependencies (child_id);
 """
 
-_MIGRATIONS = {
-    1: ["ALTER TABLE flexq_jobs ADD COLUMN position REAL"],
-    2: ["ALTER TABLE flexq_jobs ADD COLUMN callouts INTEGER NOT NULL DEFAULT 0"],
-}
-"""Statements that take a file from the schema version of the key to the next one."""
+_MIGRATIONS = (
+    Migration(
+        2,
+        "batch jobs (holding queues, slots, chunks), schedules and dependencies",
+        "ALTER TABLE flexq_jobs ADD COLUMN position REAL",
+    ),
+    Migration(
+        3,
+        "callouts counted per job, and the registry of worker processes",
+        "ALTER TABLE flexq_jobs ADD COLUMN callouts INTEGER NOT NULL DEFAULT 0",
+    ),
+)
+"""What an older file lacks beyond the tables and indexes of ``_SCHEMA`` (which creates
+every missing one, at any version)."""
 
 _INDEXES_V2 = f"""
 CREATE INDEX IF NOT EXISTS flexq_jobs_holding
@@ -208,6 +222,14 @@ _INSERT = (
 )
 _ROWS_PER_INSERT = 500
 _INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (_ROWS_PER_INSERT - 1)
+
+
+def _version(db: sqlite3.Connection) -> int:
+    """The file's schema version: 0 if it has no flexq schema."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'flexq_meta'").fetchone():
+        return 0
+    row = db.execute("SELECT value FROM flexq_meta WHERE key = 'schema_version'").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _insert_all(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -313,10 +335,19 @@ _RELEASE_LEASE = "lease_owner = NULL, lease_until = NULL"
 
 
 class SQLiteStore:
-    """Jobs in one SQLite file (or ``:memory:``)."""
+    """Jobs in one SQLite file (or ``:memory:``).
+
+    With ``migrate=False``, opening only checks that the file has this flexq's schema version
+    (and creates no file).
+    """
 
     def __init__(
-        self, path: str, *, synchronous: str = "NORMAL", busy_timeout: float = 30.0
+        self,
+        path: str,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 30.0,
+        migrate: bool = True,
     ) -> None:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise InvalidArguments(
@@ -325,6 +356,7 @@ class SQLiteStore:
         self.path = path
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
+        self.migrates_on_open = migrate
         self._conn: sqlite3.Connection | None = None
         self._thread = DatabaseThread(f"flexq-sqlite:{path}")
         self._limits = LimitTable()
@@ -372,7 +404,51 @@ class SQLiteStore:
                 await self._thread.stop()
             raise
 
+    async def schema_status(self) -> SchemaStatus:
+        return await self._alone(self._status)
+
+    async def migrate(self) -> SchemaStatus:
+        def migrate() -> SchemaStatus:
+            db = self._open_file()
+            try:
+                return self._migrate(db)
+            finally:
+                db.close()
+
+        return await self._alone(migrate)
+
+    async def _alone(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a worker thread, whether the store is open or not."""
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path!r}: {exc}") from exc
+
+    def _status(self) -> SchemaStatus:
+        """The file's schema version, without creating the file."""
+        if self.path == ":memory:" or not os.path.exists(self.path):
+            return SchemaStatus(self.path, 0, SCHEMA_VERSION)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        try:
+            return SchemaStatus(self.path, _version(db), SCHEMA_VERSION)
+        finally:
+            db.close()
+
     def _connect(self) -> sqlite3.Connection:
+        if not self.migrates_on_open:
+            status = self._status()
+            if status.version != SCHEMA_VERSION:
+                raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
+        db = self._open_file()
+        try:
+            if self.migrates_on_open:
+                self._migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_file(self) -> sqlite3.Connection:
         db = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -381,20 +457,27 @@ class SQLiteStore:
             if self.path != ":memory:":
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
-            db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> SchemaStatus:
+        """Create what the file lacks, in one transaction: a new file gets the whole schema at
+        once, an older one the migrations after its version."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            status = SchemaStatus(self.path, _version(db), SCHEMA_VERSION)
+            if status.version > SCHEMA_VERSION:
+                raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            row = db.execute("SELECT value FROM flexq_meta WHERE key = 'schema_version'").fetchone()
-            version = SCHEMA_VERSION if row is None else int(row[0])
-            if version > SCHEMA_VERSION:
-                raise FlexqError(
-                    f"{self.path} has flexq schema version {row[0]}, newer than this flexq "
-                    f"understands ({SCHEMA_VERSION}): upgrade flexq"
-                )
-            for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step]:
-                    db.execute(statement)
+            applied: list[tuple[int, str]] = []
+            for migration in _MIGRATIONS:
+                if 0 < status.version < migration.version:
+                    db.execute(migration.sql)
+                    applied.append((migration.version, migration.description))
             for statement in _INDEXES_V2.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -402,11 +485,11 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO flexq_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-            db.execute("COMMIT")
         except BaseException:
-            db.close()
+            db.execute("ROLLBACK")
             raise
-        return db
+        db.execute("COMMIT")
+        return dataclasses.replace(status, applied=tuple(applied))
 
     async def close(self) -> None:
         if self._conn is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from flexq._errors import InvalidArguments
+from flexq._errors import FlexqError, InvalidArguments
 from flexq._store.memory import MemoryStore
 from flexq._store.sqlite import SQLiteStore
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from flexq._store.base import Store
 
 
-def store_from_url(url: str, *, schema: str | None = None) -> Store:
+def store_from_url(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
     """The store a URL names: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs.db``.
 
     SQLite URLs take ``?synchronous=NORMAL|FULL`` (default NORMAL: durable across process
@@ -23,6 +23,9 @@ def store_from_url(url: str, *, schema: str | None = None) -> Store:
     ``?schema=NAME`` (default ``flexq``) and ``?connections=N`` (default 4); other query
     parameters go to libpq as they are (``sslmode=require``, say). ``schema`` overrides the
     URL's schema.
+
+    ``migrate=False`` makes a SQLite or PostgreSQL store check its schema's version when it
+    opens instead of migrating it.
     """
     parsed = urllib.parse.urlsplit(url)
     if schema is not None and parsed.scheme not in ("postgresql", "postgres"):
@@ -39,19 +42,24 @@ def store_from_url(url: str, *, schema: str | None = None) -> Store:
         unknown = set(options) - {"synchronous"}
         if unknown:
             raise InvalidArguments(f"unknown SQLite option(s) {sorted(unknown)} in {url!r}")
-        return SQLiteStore(path, synchronous=options.get("synchronous", "NORMAL"))
+        return SQLiteStore(path, synchronous=options.get("synchronous", "NORMAL"), migrate=migrate)
     if parsed.scheme in ("postgresql", "postgres"):
-        return _postgres(parsed, schema)
+        return _postgres(parsed, schema, migrate)
     raise InvalidArguments(
         f"unsupported store URL {url!r}: use 'memory://', 'sqlite:///path/to/file.db'"
         " or 'postgresql://user@host/database'"
     )
 
 
-def _postgres(parsed: urllib.parse.SplitResult, schema: str | None) -> Store:
-    from flexq._store.postgres import PostgresStore
+def _postgres(parsed: urllib.parse.SplitResult, schema: str | None, migrate: bool) -> Store:
+    try:
+        from flexq._store.postgres import PostgresStore
+    except ModuleNotFoundError as exc:
+        if exc.name != "psycopg":
+            raise
+        raise FlexqError("postgresql:// URLs need psycopg: pip install 'flexq[postgres]'") from exc
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"migrate": migrate}
     libpq = []
     for name, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
         if name == "schema":
