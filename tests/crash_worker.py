@@ -105,7 +105,7 @@ def register_batch(queue: flexq.Queue, runs: RunLog) -> type:
 
     @queue.batch(name="crash.slot", scope=1)
     class SlotBatch:
-        """Logs when it holds an active slot for sure: from its start to its finish."""
+        """Logs the span in which it surely holds an active slot: from start to finish."""
 
         async def start(self, ctx: flexq.BatchContext, chunks: int, pause: float) -> list[float]:
             runs.write("slot", "begin", ctx.job_id, os.getpid(), time.monotonic())
