@@ -15,6 +15,8 @@ import structlog
 import flexq
 from flexq.abc import Store
 
+from ._processes import WorkerProcesses, worker_processes_on
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -126,3 +128,36 @@ def make_queue(url: str | Store, **options: Any) -> flexq.Queue:
     options.setdefault("grace_period", 2.0)
     options.setdefault("max_loop_lag", None)
     return flexq.Queue(url, **options)
+
+
+@pytest.fixture
+async def worker_processes(
+    tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
+) -> AsyncIterator[WorkerProcesses]:
+    """Worker processes on a SQLite file of the test's own, on the test's kind of event loop,
+    killed when it ends."""
+    url = f"sqlite:///{tmp_path / 'flexq.db'}"
+    async with worker_processes_on(url, tmp_path, anyio_backend[0]) as processes:
+        yield processes
+
+
+@pytest.fixture
+async def pg_workers(
+    tmp_path: Path, pg_schema: str, anyio_backend: tuple[str, dict[str, Any]]
+) -> AsyncIterator[WorkerProcesses]:
+    """Worker processes on the test's PostgreSQL schema, on the test's kind of event loop."""
+    async with worker_processes_on(postgres_url(pg_schema), tmp_path, anyio_backend[0]) as found:
+        yield found
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def store_workers(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
+) -> AsyncIterator[WorkerProcesses]:
+    """Worker processes on a PostgreSQL schema, or on a SQLite file, of the test's own."""
+    if request.param == "postgres":
+        url = postgres_url(request.getfixturevalue("pg_schema"))
+    else:
+        url = f"sqlite:///{tmp_path / 'flexq.db'}"
+    async with worker_processes_on(url, tmp_path, anyio_backend[0]) as processes:
+        yield processes

@@ -1,13 +1,20 @@
-"""A flexq worker process for the crash tests: run it, SIGKILL it, run it again.
+"""A flexq worker process for the process tests: run it, SIGKILL it, run several at once.
 
-Usage: ``python crash_worker.py DB RUNS BACKEND [--workers N] [--lease S]``.
+Usage: ``python crash_worker.py URL RUNS BACKEND [--workers N] [--lease S] [--batches N]
+[--schedule]``.
 
-It opens a :class:`flexq.Queue` on the SQLite file ``DB`` (or the store URL ``DB``, such as
-``postgresql://...``) with a short lease, registers the tasks of :func:`register_tasks`,
+It opens a :class:`flexq.Queue` on the store ``URL`` (``sqlite:///...`` or ``postgresql://...``)
+with a short lease, registers the tasks of :func:`register_tasks` and :func:`register_batch`,
 appends ``ready <pid>`` to the file ``RUNS`` and works until it is killed (SIGTERM stops it
-gracefully). Every task appends ``start <n> <pid>`` and ``done <n> <pid>`` lines to ``RUNS``,
-one ``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several processes never
-interleave and the tests can count how often each job ran, and where.
+gracefully). Every task appends lines such as ``start <n> <pid>`` and ``done <n> <pid>`` to
+``RUNS``, one ``os.write`` each on an ``O_APPEND`` descriptor, so that lines from several
+processes never interleave and the tests can count how often each job ran, and where.
+
+With ``--schedule`` it declares the every-second schedule :data:`SCHEDULE` before it is ready
+(``scheduled <pid> <first fire time>``); with ``--batches N`` it enqueues ``N`` slot batches of
+tenant :data:`SLOT_TENANT` each time it gets SIGUSR1 (``enqueued <pid> <from> <to>``), whose
+``start`` and ``finish`` log ``slot begin|end <job id> <pid> <time.monotonic()>``: the
+monotonic clock is one for every process of the host.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,6 +35,9 @@ if TYPE_CHECKING:
 
 LEASE = 1.0
 POLL_INTERVAL = 0.05
+MAX_ACTIVE_BATCHES = 5
+SLOT_TENANT = "acme"
+SCHEDULE = "every-second"
 
 
 class RunLog:
@@ -58,7 +69,11 @@ def register_tasks(queue: flexq.Queue, runs: RunLog) -> dict[str, flexq.Task[Any
         # Dies like an out-of-memory kill or a segfault: no cleanup, no outcome written.
         os.kill(os.getpid(), signal.SIGKILL)
 
-    return {"work": work, "poison": poison}
+    @queue.task(name="crash.tick")
+    async def tick(ctx: flexq.Context) -> None:
+        runs.write("tick", ctx.job_id, os.getpid())
+
+    return {"work": work, "poison": poison, "tick": tick}
 
 
 def register_batch(queue: flexq.Queue, runs: RunLog) -> type:
@@ -88,39 +103,77 @@ def register_batch(queue: flexq.Queue, runs: RunLog) -> type:
                 await anyio.sleep(pause)
                 yield [i, 0.0]
 
+    @queue.batch(name="crash.slot", scope=1)
+    class SlotBatch:
+        """Logs the span in which it surely holds an active slot: from start to finish."""
+
+        async def start(self, ctx: flexq.BatchContext, chunks: int, pause: float) -> list[float]:
+            runs.write("slot", "begin", ctx.job_id, os.getpid(), time.monotonic())
+            return [pause] * chunks
+
+        async def execute(self, ctx: flexq.BatchContext, chunk: list[float]) -> None:
+            for pause in chunk:
+                await anyio.sleep(pause)
+
+        async def finish(self, ctx: flexq.BatchContext, summary: flexq.BatchSummary) -> None:
+            runs.write("slot", "end", ctx.job_id, os.getpid(), time.monotonic())
+
     return CrashBatch
 
 
-async def serve(db: str, runs_path: str, workers: int, lease: float) -> None:
+async def enqueue_slot_batches(queue: flexq.Queue, runs: RunLog, count: int) -> None:
+    """Enqueue ``count`` slot batches one by one, each admitted (or held) in its own call."""
+    began = time.monotonic()
+    for _ in range(count):
+        await queue.enqueue("crash.slot", 2, 0.02, tenant=SLOT_TENANT)
+    runs.write("enqueued", os.getpid(), began, time.monotonic())
+
+
+async def serve(
+    url: str, runs_path: str, workers: int, lease: float, batches: int, schedule: bool
+) -> None:
     runs = RunLog(runs_path)
     queue = flexq.Queue(
-        db if "://" in db else f"sqlite:///{db}",
+        url,
         workers=workers,
         lease=lease,
         poll_interval=POLL_INTERVAL,
         max_loop_lag=None,
         backoff=flexq.Backoff(base=0.01, maximum=0.05, jitter=0.0),
+        limits=flexq.Limits(max_active_batches=MAX_ACTIVE_BATCHES, max_holding=1000),
     )
-    register_tasks(queue, runs)
+    tasks = register_tasks(queue, runs)
     register_batch(queue, runs)
-    with anyio.open_signal_receiver(signal.SIGTERM) as stop_signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
         async with queue:
+            if schedule:
+                # run_all: a firing that comes late on a loaded host still skips no time.
+                info = await queue.schedule(
+                    SCHEDULE, "* * * * * *", tasks["tick"], misfire="run_all"
+                )
+                assert info.next_fire_time is not None
+                runs.write("scheduled", os.getpid(), info.next_fire_time.timestamp())
             runs.write("ready", os.getpid())
-            async for _ in stop_signals:  # SIGTERM: leave `async with queue`, gracefully
-                break
+            async for signum in signals:
+                if signum == signal.SIGTERM:  # leave `async with queue`, gracefully
+                    break
+                await enqueue_slot_batches(queue, runs, batches)
 
 
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("db", help="the SQLite file, or a store URL")
+    parser.add_argument("url", help="the store URL")
     parser.add_argument("runs", help="the file every run of a task appends a line to")
     parser.add_argument("backend", choices=["asyncio", "trio"])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--lease", type=float, default=LEASE)
+    parser.add_argument("--batches", type=int, default=0, help="slot batches to enqueue")
+    parser.add_argument("--schedule", action="store_true", help="declare the schedule")
     options = parser.parse_args(argv)
     anyio.run(
-        serve, options.db, options.runs, options.workers, options.lease, backend=options.backend
-    )
+        serve, options.url, options.runs, options.workers, options.lease, options.batches,
+        options.schedule, backend=options.backend,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

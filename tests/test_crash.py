@@ -1,208 +1,39 @@
 """Crash safety: killed workers, several worker processes on one file, graceful shutdown.
 
-Worker processes are real children (``tests/crash_worker.py``) on a SQLite file in the test's
-directory; the test process only enqueues and queries (``queue.open()``, no workers). Every
-task run appends ``start``/``done`` lines to a shared run log, so runs can be counted per job
-and per process. Each child's output goes to its own file, printed when the test ends (pytest
-shows it for failing tests).
+Worker processes are real children (``tests/crash_worker.py``, run by ``tests/_processes.py``)
+on a SQLite file in the test's directory; the test process only enqueues and queries
+(``queue.open()``, no workers). Every task run appends ``start``/``done`` lines to a shared run
+log, so runs can be counted per job and per process.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
 import flexq
-from flexq import Call, JobInfo, State
+from flexq import Call, State
 
-from .crash_worker import LEASE, RunLog, register_batch, register_tasks
+from ._processes import (
+    MAX_LEASE_EXPIRIES,
+    all_final,
+    all_jobs,
+    producer,
+    read_runs,
+    run_poison,
+    until,
+    work_calls,
+)
+from .crash_worker import LEASE
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
-
-    from anyio.abc import Process
-
+    from ._processes import WorkerProcesses
     from .conftest import StoreFactory
-
-WORKER_SCRIPT = Path(__file__).with_name("crash_worker.py")
-
-
-@dataclasses.dataclass(frozen=True)
-class Runs:
-    """What the run log says: how often each job started and finished, and in which process."""
-
-    starts: collections.Counter[int]
-    dones: collections.Counter[int]
-    ready: tuple[int, ...]
-    """Pids of the worker processes that came up, in order."""
-    pids_by_job: dict[int, list[int]]
-    """The processes that started each job."""
-    chunks: collections.Counter[int]
-    """How often each chunk of the crash batch ran."""
-    batch_events: collections.Counter[str]
-    """How often the crash batch's start and finish ran."""
-
-    @property
-    def working_pids(self) -> set[int]:
-        return {pid for pids in self.pids_by_job.values() for pid in pids}
-
-
-async def read_runs(path: Path) -> Runs:
-    starts: collections.Counter[int] = collections.Counter()
-    dones: collections.Counter[int] = collections.Counter()
-    ready: list[int] = []
-    pids_by_job: dict[int, list[int]] = collections.defaultdict(list)
-    chunks: collections.Counter[int] = collections.Counter()
-    batch_events: collections.Counter[str] = collections.Counter()
-    apath = anyio.Path(path)
-    text = await apath.read_text() if await apath.exists() else ""
-    for line in text.splitlines():
-        match line.split():
-            case ["ready", pid]:
-                ready.append(int(pid))
-            case ["start", n, pid]:
-                starts[int(n)] += 1
-                pids_by_job[int(n)].append(int(pid))
-            case ["done", n, _]:
-                dones[int(n)] += 1
-            case ["chunk", n, _]:
-                chunks[int(n)] += 1
-            case ["batch-start" | "batch-finish" as event, _]:
-                batch_events[event] += 1
-            case _:
-                pytest.fail(f"torn or unknown line in the run log: {line!r}")
-    return Runs(starts, dones, tuple(ready), dict(pids_by_job), chunks, batch_events)
-
-
-class WorkerProcesses:
-    """Starts crash_worker.py children on one database and kills them all at the end."""
-
-    def __init__(self, directory: Path, backend: str) -> None:
-        self.db = directory / "flexq.db"
-        self.runs = directory / "runs.log"
-        self.backend = backend
-        self._directory = directory
-        self._started: list[tuple[Process, Path]] = []
-
-    async def start(self, *, workers: int = 4) -> Process:
-        output = self._directory / f"worker-{len(self._started)}.out"
-        command = [
-            sys.executable, str(WORKER_SCRIPT), str(self.db), str(self.runs), self.backend,
-            "--workers", str(workers),
-        ]  # fmt: skip
-        with output.open("wb") as sink:  # the child keeps its own copy of the descriptor
-            process = await anyio.open_process(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self._started.append((process, output))
-        return process
-
-    async def start_ready(self, *, workers: int = 4, timeout: float = 15.0) -> Process:
-        """Start a worker and wait until its queue is open and working."""
-        process = await self.start(workers=workers)
-
-        async def is_ready() -> bool:
-            self.check_alive(process)
-            return process.pid in (await read_runs(self.runs)).ready
-
-        await until(is_ready, timeout, f"worker {process.pid} to come up")
-        return process
-
-    def check_alive(self, process: Process) -> None:
-        if process.returncode is not None:
-            pytest.fail(f"worker {process.pid} exited with {process.returncode}: see its output")
-
-    @staticmethod
-    async def kill(process: Process) -> None:
-        """SIGKILL the worker and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGKILL)
-        with anyio.fail_after(10):
-            await process.wait()
-
-    async def close(self) -> None:
-        for process, output in self._started:
-            with anyio.CancelScope(shield=True):
-                if process.returncode is None:
-                    await self.kill(process)
-                await process.aclose()
-            text = await anyio.Path(output).read_text(errors="replace")
-            print(f"--- worker {process.pid} (exit {process.returncode}), {output} ---\n{text}")
-
-
-@pytest.fixture
-async def worker_processes(
-    tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
-) -> AsyncIterator[WorkerProcesses]:
-    """Worker processes on the same event loop kind as the test, killed when it ends."""
-    processes = WorkerProcesses(tmp_path, anyio_backend[0])
-    try:
-        yield processes
-    finally:
-        await processes.close()
-
-
-@contextlib.asynccontextmanager
-async def producer(db: Path) -> AsyncIterator[tuple[flexq.Queue, dict[str, flexq.Task[Any]]]]:
-    """A queue that only enqueues and queries (no workers), with the crash tasks registered."""
-    queue = flexq.Queue(f"sqlite:///{db}", poll_interval=0.05)
-    tasks = register_tasks(queue, RunLog(os.devnull))
-    register_batch(queue, RunLog(os.devnull))
-    await queue.open()
-    try:
-        yield queue, tasks
-    finally:
-        await queue.close()
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll ``check`` until it holds; fail the test after ``timeout`` seconds."""
-    with anyio.move_on_after(timeout):
-        # Another process changes what we wait for: nothing here can signal us, so poll.
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-async def all_jobs(queue: flexq.Queue) -> dict[int, JobInfo]:
-    """Every job in the store, by its first argument (the ``n`` the tests give each job)."""
-    found: dict[int, JobInfo] = {}
-    cursor: str | None = None
-    while True:
-        page = await queue.jobs(limit=1000, cursor=cursor)
-        for info in page.items:
-            assert info.args[0] not in found, f"two jobs with argument {info.args[0]}"
-            found[info.args[0]] = info
-        if page.next_cursor is None:
-            return found
-        cursor = page.next_cursor
-
-
-async def all_final(queue: flexq.Queue, total: int) -> bool:
-    counts = await queue.counts()
-    return sum(counts[state] for state in State if state.is_final) >= total
-
-
-def work_calls(task: flexq.Task[Any], count: int, *, start: int = 0) -> list[Call]:
-    """``count`` jobs that each sleep 10-20 ms; job ``n`` gets the argument ``n``."""
-    return [Call(task, n, 0.010 + (n % 11) / 1000) for n in range(start, start + count)]
 
 
 @pytest.mark.slow
@@ -210,7 +41,7 @@ async def test_sigkill_mid_run_loses_no_job(worker_processes: WorkerProcesses) -
     """After a worker process is SIGKILLed mid-run, a new one completes every job, re-running
     only the jobs that the dead one held."""
     total, workers = 300, 4
-    async with producer(worker_processes.db) as (queue, tasks):
+    async with producer(worker_processes.url) as (queue, tasks):
         ids = await queue.enqueue_many(work_calls(tasks["work"], total))
         first = await worker_processes.start(workers=workers)
 
@@ -270,7 +101,7 @@ async def test_two_worker_processes_share_one_file_without_duplicates(
     jobs that run longer than the lease."""
     short, long = 500, 4
     total = short + long
-    async with producer(worker_processes.db) as (queue, tasks):
+    async with producer(worker_processes.url) as (queue, tasks):
         first = await worker_processes.start_ready(workers=4)
         second = await worker_processes.start_ready(workers=4)
         # Without lease renewal the other process would take these over and run them again.
@@ -301,7 +132,7 @@ async def test_worker_process_finds_jobs_another_process_enqueues(
     worker_processes: WorkerProcesses,
 ) -> None:
     """Jobs that a producer-only process enqueues are found by a running worker's poll."""
-    async with producer(worker_processes.db) as (queue, tasks):
+    async with producer(worker_processes.url) as (queue, tasks):
         worker = await worker_processes.start_ready(workers=4)
         latencies: list[float] = []
         for wave in range(5):
@@ -319,46 +150,6 @@ async def test_worker_process_finds_jobs_another_process_enqueues(
     assert runs.working_pids == {worker.pid}
     # poll_interval is 0.05 s; jobs wait for a free worker too, but never for long.
     assert max(latencies) < 2.0, latencies
-
-
-MAX_LEASE_EXPIRIES = 3  # the Queue's default, which crash_worker.py keeps
-
-
-@dataclasses.dataclass(frozen=True)
-class PoisonRun:
-    deaths: int
-    poison: JobInfo
-    others: dict[int, JobInfo]
-    runs: Runs
-
-
-async def run_poison(worker_processes: WorkerProcesses, *, workers: int) -> PoisonRun:
-    """Enqueue a poison pill (job 0) then 20 plain jobs, and restart every worker that dies
-    until all are final."""
-    others = 20
-    async with producer(worker_processes.db) as (queue, tasks):
-        poison_id = await queue.enqueue(tasks["poison"], 0)
-        await queue.enqueue_many(work_calls(tasks["work"], others, start=1))
-        process = await worker_processes.start(workers=workers)
-        deaths = 0
-
-        async def done_or_dead() -> bool:
-            return process.returncode is not None or await all_final(queue, others + 1)
-
-        with anyio.fail_after(20):
-            while True:
-                await until(done_or_dead, 20, "a worker to die or every job to be final")
-                if process.returncode is None:
-                    break
-                assert process.returncode == -signal.SIGKILL
-                deaths += 1
-                assert deaths <= MAX_LEASE_EXPIRIES, "the poison ran after it should have failed"
-                process = await worker_processes.start(workers=workers)
-        poison = await queue.get(poison_id)
-        jobs = await all_jobs(queue)
-        runs = await read_runs(worker_processes.runs)
-    del jobs[0]
-    return PoisonRun(deaths, poison, jobs, runs)
 
 
 @pytest.mark.slow
@@ -465,7 +256,7 @@ async def test_sigkill_mid_batch_resumes_from_the_first_uncommitted_chunk(
     ``start`` does not run again, no chunk checkpointed before the kill runs again, every chunk
     runs, and ``finish`` runs once."""
     chunks = 60
-    async with producer(worker_processes.db) as (queue, tasks):
+    async with producer(worker_processes.url) as (queue, tasks):
         job_id = await queue.enqueue("crash.batch", chunks, 0.05, tenant="acme")
         worker = await worker_processes.start_ready()
 
@@ -507,7 +298,7 @@ async def test_sigkill_during_start_runs_start_again_without_duplicate_items(
     """A batch killed while ``start`` streams its items (some already written) runs ``start``
     again from scratch: the items of the dead attempt are dropped, none is lost or doubled."""
     items = 120
-    async with producer(worker_processes.db) as (queue, _):
+    async with producer(worker_processes.url) as (queue, _):
         job_id = await queue.enqueue("crash.slow-start", items, 0.02, tenant="acme")
         worker = await worker_processes.start_ready()
 
@@ -532,7 +323,7 @@ async def test_a_killed_worker_process_stays_listed_but_not_alive(
 ) -> None:
     """queue.workers() shows worker processes with their pid; one that was SIGKILLed is no
     longer alive once two leases passed without its heartbeat."""
-    async with producer(worker_processes.db) as (queue, _):
+    async with producer(worker_processes.url) as (queue, _):
         worker = await worker_processes.start_ready()
         (listed,) = await queue.workers()
         assert (listed.pid, listed.alive) == (worker.pid, True)

@@ -8,109 +8,33 @@ process only enqueues and queries.
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import random
 import signal
-import subprocess
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
-import flexq
 from flexq import Call, State
 
-from .conftest import postgres_url
-from .crash_worker import RunLog, register_tasks
-from .test_crash import (
+from ._processes import (
     MAX_LEASE_EXPIRIES,
-    WORKER_SCRIPT,
-    WorkerProcesses,
     all_final,
     all_jobs,
+    producer,
     read_runs,
+    run_poison,
     until,
-    work_calls,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-    from pathlib import Path
-
-    from anyio.abc import Process
+    from ._processes import WorkerProcesses
 
 TENANTS = 5
 
 
-class UrlWorkers(WorkerProcesses):
-    """Worker processes on one store URL."""
-
-    def __init__(self, directory: Path, backend: str, url: str) -> None:
-        super().__init__(directory, backend)
-        self.url = url
-
-    async def start(self, *, workers: int = 4) -> Process:
-        output = self._directory / f"worker-{len(self._started)}.out"
-        command = [
-            sys.executable, str(WORKER_SCRIPT), self.url, str(self.runs), self.backend,
-            "--workers", str(workers),
-        ]  # fmt: skip
-        with output.open("wb") as sink:
-            process = await anyio.open_process(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self._started.append((process, output))
-        return process
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-async def store_workers(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
-) -> AsyncIterator[UrlWorkers]:
-    """Worker processes on a PostgreSQL schema, or on a SQLite file, of the test's own."""
-    if request.param == "postgres":
-        url = postgres_url(request.getfixturevalue("pg_schema"))
-    else:
-        url = f"sqlite:///{tmp_path / 'flexq.db'}"
-    processes = UrlWorkers(tmp_path, anyio_backend[0], url)
-    try:
-        yield processes
-    finally:
-        await processes.close()
-
-
-@pytest.fixture
-async def pg_workers(
-    tmp_path: Path, pg_schema: str, anyio_backend: tuple[str, dict[str, Any]]
-) -> AsyncIterator[UrlWorkers]:
-    """Worker processes on the test's schema, on the test's kind of event loop."""
-    processes = UrlWorkers(tmp_path, anyio_backend[0], postgres_url(pg_schema))
-    try:
-        yield processes
-    finally:
-        await processes.close()
-
-
-@contextlib.asynccontextmanager
-async def producer(url: str) -> AsyncIterator[tuple[flexq.Queue, dict[str, flexq.Task[Any]]]]:
-    """A queue that only enqueues and queries, with the crash tasks registered."""
-    queue = flexq.Queue(url, poll_interval=0.05)
-    tasks = register_tasks(queue, RunLog(os.devnull))
-    await queue.open()
-    try:
-        yield queue, tasks
-    finally:
-        await queue.close()
-
-
 @pytest.mark.slow
-async def test_random_sigkills_of_workers_lose_no_job(store_workers: UrlWorkers) -> None:
+async def test_random_sigkills_of_workers_lose_no_job(store_workers: WorkerProcesses) -> None:
     """3 worker processes on PostgreSQL (2 on SQLite) share 10,000 jobs of 5 tenants; every
     second one of them is SIGKILLed and a new one started. Every job ends COMPLETED, none is
     lost, and only jobs that a killed process held ran more than once."""
@@ -156,7 +80,7 @@ async def test_random_sigkills_of_workers_lose_no_job(store_workers: UrlWorkers)
 
 
 @pytest.mark.slow
-async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: UrlWorkers) -> None:
+async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: WorkerProcesses) -> None:
     """A worker process told to stop (SIGTERM) while busy finishes its running jobs within the
     grace period and exits; the other process runs the rest. No job runs twice, none is left
     running, and no attempt is counted for the jobs handed back."""
@@ -189,39 +113,19 @@ async def test_sigterm_stops_a_worker_gracefully_under_load(pg_workers: UrlWorke
 
 
 @pytest.mark.slow
-async def test_poison_pill_is_not_rescued_forever(pg_workers: UrlWorkers) -> None:
+async def test_poison_pill_is_not_rescued_forever(pg_workers: WorkerProcesses) -> None:
     """A job that kills its worker process each time ends FAILED (flexq.LeaseExpired) after
     max_lease_expiries deaths on PostgreSQL too, while the jobs enqueued after it complete."""
-    others = 20
-    async with producer(pg_workers.url) as (queue, tasks):
-        poison_id = await queue.enqueue(tasks["poison"], 0)
-        await queue.enqueue_many(work_calls(tasks["work"], others, start=1))
-        process = await pg_workers.start(workers=1)
-        deaths = 0
+    run = await run_poison(pg_workers, workers=1)
 
-        async def done_or_dead() -> bool:
-            return process.returncode is not None or await all_final(queue, others + 1)
-
-        with anyio.fail_after(30):
-            while True:
-                await until(done_or_dead, 20, "a worker to die or every job to be final")
-                if process.returncode is None:
-                    break
-                assert process.returncode == -signal.SIGKILL
-                deaths += 1
-                assert deaths <= MAX_LEASE_EXPIRIES, "the poison ran after it should have failed"
-                process = await pg_workers.start(workers=1)
-        poison = await queue.get(poison_id)
-        jobs = await all_jobs(queue)
-
-    assert deaths == MAX_LEASE_EXPIRIES
-    assert (poison.state, poison.attempts) == (State.FAILED, MAX_LEASE_EXPIRIES)
-    assert [e.type for e in poison.errors] == ["flexq.LeaseExpired"] * MAX_LEASE_EXPIRIES
-    assert {info.state for n, info in jobs.items() if n != 0} == {State.COMPLETED}
+    assert run.deaths == MAX_LEASE_EXPIRIES
+    assert (run.poison.state, run.poison.attempts) == (State.FAILED, MAX_LEASE_EXPIRIES)
+    assert [e.type for e in run.poison.errors] == ["flexq.LeaseExpired"] * MAX_LEASE_EXPIRIES
+    assert {info.state for info in run.others.values()} == {State.COMPLETED}
 
 
 @pytest.mark.slow
-async def test_tenants_share_workers_fairly_across_processes(pg_workers: UrlWorkers) -> None:
+async def test_tenants_share_workers_fairly_across_processes(pg_workers: WorkerProcesses) -> None:
     """Two running worker processes, a tenant that floods the queue with 2,000 jobs, then a
     tenant with 20: the small tenant's jobs are done soon after they arrive, long before the
     flood is, because every process shares its workers between the tenants it hears of."""

@@ -1,7 +1,9 @@
-"""The memory and SQLite stores agree step by step, and both follow the transition table.
+"""The memory store agrees with the SQLite and PostgreSQL stores step by step, and all follow
+the transition table.
 
 A hypothesis state machine sends the same random operations (the same job ids, the same
-``now``) to a :class:`MemoryStore` and a :class:`SQLiteStore`, and after every step checks that
+``now``) to a :class:`MemoryStore` and a durable store (a :class:`SQLiteStore` on a file of its
+own, or a :class:`PostgresStore` on a schema of its own), and after every step checks that
 they returned the same thing, that they hold the same jobs, and that what they hold is what a
 small model of the store contract predicts: every state change is in
 :data:`flexq._states.TRANSITIONS`, final jobs never change, a dedup key is held by at most one
@@ -16,9 +18,11 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+import psycopg
 import pytest
 from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, event, settings
@@ -47,7 +51,10 @@ from flexq._store.base import (
     error_record,
 )
 from flexq._store.memory import MemoryStore
+from flexq._store.postgres import PostgresStore
 from flexq._store.sqlite import SQLiteStore
+
+from .conftest import POSTGRES_DSN
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
@@ -180,15 +187,16 @@ class Lease:
 
 
 class StoreComparison(RuleBasedStateMachine):
-    """Drives a MemoryStore and a SQLiteStore with the same calls and compares them."""
+    """Drives a MemoryStore and another store with the same calls and compares them."""
 
-    def __init__(self, portal: BlockingPortal, sqlite_path: str) -> None:
+    def __init__(self, portal: BlockingPortal, other: Store) -> None:
         super().__init__()
         self.portal = portal
-        self.sqlite_path = sqlite_path
         self.memory = MemoryStore()
-        self.sqlite = SQLiteStore(sqlite_path)
-        self.stores: tuple[Store, Store] = (self.memory, self.sqlite)
+        self.other = other
+        self.name = type(other).__name__.removesuffix("Store")
+        """The other store's name in messages and in :attr:`seqs`."""
+        self.stores: tuple[Store, Store] = (self.memory, other)
         for store in self.stores:
             portal.call(store.open)
         self.now = START
@@ -211,19 +219,21 @@ class StoreComparison(RuleBasedStateMachine):
         self.last_seq: dict[str, int] = {}
 
     def teardown(self) -> None:
-        """Close both stores and remove the SQLite files."""
+        """Close both stores and remove what the other one wrote."""
         try:
             for store in self.stores:
                 self.portal.call(store.close)
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.sqlite_path + suffix)
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the other store's database (its file, or its schema)."""
+        raise NotImplementedError
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def both(self, call: Callable[[Store], Awaitable[T]]) -> tuple[T | Exception, T | Exception]:
-        """Run ``call`` on the memory store, then on the SQLite store; errors are returned."""
+        """Run ``call`` on the memory store, then on the other store; errors are returned."""
         return self.portal.call(_on_both, call, self.stores)
 
     def agree(
@@ -233,13 +243,12 @@ class StoreComparison(RuleBasedStateMachine):
         key: Callable[[T], object] = lambda value: value,
     ) -> T | Exception:
         """Both stores' answers to ``call``, which must match (by ``key``); memory's is returned."""
-        memory, sqlite = self.both(call)
-        if isinstance(memory, Exception) or isinstance(sqlite, Exception):
-            assert _failure_key(memory) == _failure_key(sqlite), (
-                f"{what}: memory gave {memory!r}, SQLite gave {sqlite!r}"
-            )
+        memory, other = self.both(call)
+        differ = f"{what}: memory gave {memory!r}, {self.name} gave {other!r}"
+        if isinstance(memory, Exception) or isinstance(other, Exception):
+            assert _failure_key(memory) == _failure_key(other), differ
             return memory
-        assert key(memory) == key(sqlite), f"{what}: memory gave {memory!r}, SQLite gave {sqlite!r}"
+        assert key(memory) == key(other), differ
         return memory
 
     def comparable(self, job: ClaimedJob) -> tuple[object, ...]:
@@ -272,24 +281,26 @@ class StoreComparison(RuleBasedStateMachine):
 
     def sync(self) -> None:
         """Compare both stores' jobs and check every change against the table and the model."""
-        memory_snapshot, sqlite_snapshot = self.both(_snapshot)
+        memory_snapshot, other_snapshot = self.both(_snapshot)
         assert not isinstance(memory_snapshot, Exception), memory_snapshot
-        assert not isinstance(sqlite_snapshot, Exception), sqlite_snapshot
-        memory_rows, sqlite_rows = memory_snapshot.rows, sqlite_snapshot.rows
+        assert not isinstance(other_snapshot, Exception), other_snapshot
+        memory_rows, other_rows = memory_snapshot.rows, other_snapshot.rows
         memory_infos = [info for _, info in memory_rows]
-        sqlite_infos = [info for _, info in sqlite_rows]
-        for mine, theirs in zip(memory_infos, sqlite_infos, strict=False):
-            assert mine == theirs, f"memory holds {mine!r}, SQLite holds {theirs!r}"
-        assert [i.id for i in memory_infos] == [i.id for i in sqlite_infos]
-        for name, rows in (("memory", memory_rows), ("SQLite", sqlite_rows)):
+        other_infos = [info for _, info in other_rows]
+        for mine, theirs in zip(memory_infos, other_infos, strict=False):
+            assert mine == theirs, f"memory holds {mine!r}, {self.name} holds {theirs!r}"
+        assert [i.id for i in memory_infos] == [i.id for i in other_infos]
+        for name, rows in (("memory", memory_rows), (self.name, other_rows)):
             seqs = {info.id: seq for seq, info in rows}
+            assert list(seqs.values()) == sorted(seqs.values()), f"{name} lists out of order"
             last = self.last_seq.get(name, 0)
             for job_id, seq in seqs.items():
                 if job_id not in self.seqs.get(name, {}):
                     assert seq > last, f"{name} reused sequence number {seq} for {job_id}"
                     self.last_seq[name] = max(self.last_seq.get(name, 0), seq)
+            # The numbers themselves may differ: a PostgreSQL sequence skips those of inserts
+            # that rolled back. Their order is the creation order in every store.
             self.seqs[name] = seqs
-        assert self.seqs["memory"] == self.seqs["SQLite"], "the stores number jobs differently"
         view = {info.id: info for info in memory_infos}
         unseen = set(self.created) - set(self.states) - self.pruned
         assert unseen <= set(view), f"enqueued jobs {unseen - set(view)} are not stored"
@@ -324,7 +335,7 @@ class StoreComparison(RuleBasedStateMachine):
             for job_id, lease in self.leases.items()
             if job_id in view and view[job_id].state in RUNNING_STATES
         }
-        assert memory_snapshot.ready_tenants == sqlite_snapshot.ready_tenants
+        assert memory_snapshot.ready_tenants == other_snapshot.ready_tenants
         assert memory_snapshot.ready_tenants == sorted(
             {
                 i.tenant
@@ -332,17 +343,17 @@ class StoreComparison(RuleBasedStateMachine):
                 if i.state is State.QUEUED and not self.is_suspect(j)
             }
         )
-        assert memory_snapshot.has_suspects == sqlite_snapshot.has_suspects
+        assert memory_snapshot.has_suspects == other_snapshot.has_suspects
         assert memory_snapshot.has_suspects == any(
             self.is_suspect(j)
             and view[j].task in self.runnable(ALL_TASKS)
             and (PauseScope.TENANT, view[j].tenant) not in self.pauses
             for j in view
         )
-        assert memory_snapshot.counts == sqlite_snapshot.counts
+        assert memory_snapshot.counts == other_snapshot.counts
         assert memory_snapshot.counts == dict(Counter(info.state for info in view.values()))
         # Pauses made at the same time are listed in different orders; the order is unspecified.
-        assert set(memory_snapshot.pauses) == set(sqlite_snapshot.pauses)
+        assert set(memory_snapshot.pauses) == set(other_snapshot.pauses)
         assert {(p.scope, p.name) for p in memory_snapshot.pauses} == self.pauses
 
     # -- enqueue and time -------------------------------------------------------------------
@@ -476,15 +487,15 @@ class StoreComparison(RuleBasedStateMachine):
             ready.sort(key=lambda j: (-self.view[j].priority, self.view[j].kind.rank,
                                       self.created[j]))  # fmt: skip
             expected[tenant] = ready[:count]
-        memory_claimed, sqlite_claimed = self.both(
+        memory_claimed, other_claimed = self.both(
             lambda store: store.claim(owner, wanted, tasks, now, now + lease)
         )
         assert not isinstance(memory_claimed, Exception), memory_claimed
-        assert not isinstance(sqlite_claimed, Exception), sqlite_claimed
+        assert not isinstance(other_claimed, Exception), other_claimed
         assert Counter(map(self.comparable, memory_claimed)) == Counter(
-            map(self.comparable, sqlite_claimed)
-        ), f"claim: memory gave {memory_claimed!r}, SQLite gave {sqlite_claimed!r}"
-        for name, claimed in (("memory", memory_claimed), ("SQLite", sqlite_claimed)):
+            map(self.comparable, other_claimed)
+        ), f"claim: memory gave {memory_claimed!r}, {self.name} gave {other_claimed!r}"
+        for name, claimed in (("memory", memory_claimed), (self.name, other_claimed)):
             for tenant in (*TENANTS, "nobody"):
                 got = [job.id for job in claimed if job.tenant == tenant]
                 assert got == expected.get(tenant, []), (
@@ -607,7 +618,7 @@ class StoreComparison(RuleBasedStateMachine):
             if outcome.job_id in held:
                 held.discard(outcome.job_id)
                 expected.append(outcome.job_id)
-        # The ids written come back in no particular order (SQLite groups them by statement).
+        # The ids written come back in no particular order (a store may group them by statement).
         assert isinstance(written, list), written
         assert sorted(written) == sorted(expected)
         event("report: some written" if written else "report: all dropped")
@@ -742,8 +753,8 @@ class StoreComparison(RuleBasedStateMachine):
         eligible = {j for j, i in self.view.items() if i.state.is_final
                     and i.finished_at is not None
                     and i.finished_at < timestamp_to_datetime(before)}  # fmt: skip
-        memory_count, sqlite_count = self.both(lambda store: store.prune(before, limit))
-        assert memory_count == sqlite_count == min(limit, len(eligible))
+        memory_count, other_count = self.both(lambda store: store.prune(before, limit))
+        assert memory_count == other_count == min(limit, len(eligible))
         if eligible:
             event("prune: partial" if len(eligible) > limit else "prune: all eligible")
         oldest = sorted(eligible, key=lambda j: (self.view[j].finished_at, self.seqs["memory"][j]))
@@ -804,12 +815,12 @@ class StoreComparison(RuleBasedStateMachine):
         # A cursor is the sequence number of the last job of the previous page, in that store.
         after = {
             name: None if cursor is None else self.seqs[name][cursor]
-            for name in ("memory", "SQLite")
+            for name in ("memory", self.name)
         }
-        memory_page, sqlite_page = self.portal.call(
+        memory_page, other_page = self.portal.call(
             _on_each,
             lambda: self.memory.jobs(where, after_seq=after["memory"], offset=offset, limit=limit),
-            lambda: self.sqlite.jobs(where, after_seq=after["SQLite"], offset=offset, limit=limit),
+            lambda: self.other.jobs(where, after_seq=after[self.name], offset=offset, limit=limit),
         )
         matching = [info for info in self.view.values() if _matches(info, where)]
         page = [
@@ -818,7 +829,7 @@ class StoreComparison(RuleBasedStateMachine):
             if cursor is None or self.created[info.id] > self.created[cursor]
         ][offset : offset + limit]
         assert [info for _, info in memory_page] == page
-        assert [info for _, info in sqlite_page] == page
+        assert [info for _, info in other_page] == page
         counts = self.agree("counts", lambda store: store.counts(where))
         assert counts == dict(Counter(info.state for info in matching))
 
@@ -832,6 +843,31 @@ def _matches(info: JobInfo, where: JobFilter) -> bool:
     )
 
 
+class SQLiteComparison(StoreComparison):
+    """The memory store against a SQLite file of the run's own."""
+
+    def __init__(self, portal: BlockingPortal, path: str) -> None:
+        self.path = path
+        super().__init__(portal, SQLiteStore(path))
+
+    def remove(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path + suffix)
+
+
+class PostgresComparison(StoreComparison):
+    """The memory store against a PostgreSQL schema of the run's own."""
+
+    def __init__(self, portal: BlockingPortal) -> None:
+        self.schema = f"flexq_model_{uuid.uuid4().hex[:16]}"
+        super().__init__(portal, PostgresStore(POSTGRES_DSN, schema=self.schema, connections=1))
+
+    def remove(self) -> None:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+
+
 # Shrinking a failure replays many runs, which can take minutes: give it time to finish.
 @pytest.mark.timeout(600)
 @pytest.mark.slow
@@ -842,20 +878,33 @@ def _matches(info: JobInfo, where: JobFilter) -> bool:
         pytest.param("trio", {}, id="trio"),
     ],
 )
-def test_memory_and_sqlite_stores_agree(
-    backend: str, options: dict[str, object], tmp_path: Path
+@pytest.mark.parametrize(
+    ("database", "default_examples"),
+    # A PostgreSQL step costs several round trips, and each run a schema: fewer runs.
+    [pytest.param("sqlite", 200, id="sqlite"), pytest.param("postgres", 40, id="postgres")],
+)
+def test_the_memory_store_agrees_with_a_durable_one(
+    backend: str,
+    options: dict[str, object],
+    database: str,
+    default_examples: int,
+    tmp_path: Path,
 ) -> None:
     """Random operation sequences give the same results and jobs on both stores."""
-    examples = int(os.environ.get("FLEXQ_MODEL_EXAMPLES", "200"))
+    examples = int(os.environ.get("FLEXQ_MODEL_EXAMPLES", default_examples))
     runs = itertools.count()
     with start_blocking_portal(backend, options) as portal:
 
-        class Machine(StoreComparison):
+        class OnSQLite(SQLiteComparison):
             def __init__(self) -> None:
                 super().__init__(portal, str(tmp_path / f"model-{next(runs)}.db"))
 
+        class OnPostgres(PostgresComparison):
+            def __init__(self) -> None:
+                super().__init__(portal)
+
         run_state_machine_as_test(
-            Machine,
+            OnSQLite if database == "sqlite" else OnPostgres,
             settings=settings(
                 max_examples=examples,
                 stateful_step_count=40,
