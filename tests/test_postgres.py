@@ -413,7 +413,7 @@ async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:
             await queue.enqueue(t, connection=object())
 
 
-async def test_two_processes_never_fill_a_sixth_batch_slot(pg_schema: str) -> None:
+async def test_two_stores_never_fill_a_sixth_batch_slot(pg_schema: str) -> None:
     """Two stores (two processes' connections) enqueue, claim and complete batch jobs of one
     tenant at once; it never has more than its 5 batch jobs active, and all of them run."""
     limits = LimitTable(Limits(max_active_batches=5, max_holding=1000))
