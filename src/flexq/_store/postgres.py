@@ -309,17 +309,16 @@ update, and is checked again on the locked row."""
 RENEW = f"""
 WITH held AS (
     SELECT seq FROM {{s}}.flexq_jobs
-    WHERE state IN ({_RUNNING}) AND lease_owner = %(owner)s
-    ORDER BY lease_until
+    WHERE id = ANY(%(ids)s::text[]) AND state IN ({_RUNNING}) AND lease_owner = %(owner)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
 WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
 RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
-"""Rows locked by a report in flight are skipped: they are being released, and locking them in
-another order than the report could deadlock. The order by ``lease_until`` makes it a plain
-scan of the index of running jobs, which marks the dead entries it meets (a bitmap scan
-would read them all again at every renewal until the next vacuum)."""
+"""The jobs named, found by their ids: a job that this owner holds in the table but not in its
+runner (a claim whose answer was lost with its connection) is not renewed, and is recovered when
+its lease expires. Rows locked by a report in flight are skipped: they are being released, and
+locking them in another order than the report could deadlock."""
 
 EXPIRED = f"""
 SELECT id, attempts, lease_expiries, abort_requested, kind, tenant FROM {{s}}.flexq_jobs
@@ -1059,8 +1058,10 @@ class PostgresStore:
                 self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
-    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
-        params = {"owner": owner, "lease_until": lease_until}
+    async def renew(
+        self, owner: str, job_ids: Collection[JobId], lease_until: float
+    ) -> list[JobId]:
+        params = {"owner": owner, "ids": list(job_ids), "lease_until": lease_until}
         rows = await self._run(self._select, self.sql(RENEW), params)
         return [job_id for job_id, abort_requested, _ in rows if abort_requested]
 
