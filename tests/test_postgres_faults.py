@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from anyio.abc import SocketAttribute
 
-from flexq import State
+from flexq import State, StoreError
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
 from .test_postgres import sql, terminate
@@ -125,6 +125,7 @@ class Proxy:
         self.port = 0
         self.refusing = False
         self.accepted = 0
+        self.refused = 0
 
     def url(self, schema: str) -> str:
         parsed = urllib.parse.urlsplit(postgres_url(schema))
@@ -150,6 +151,7 @@ class Proxy:
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         async with client:
             if self.refusing:
+                self.refused += 1
                 return
             self.accepted += 1
             async with await anyio.connect_tcp(*self._upstream) as server:
@@ -388,3 +390,29 @@ async def test_a_job_enqueued_while_the_listen_connection_is_down_starts_when_it
                 await producer.close()
     assert len(after) == 1
     assert after != [before], "the LISTEN connection was not reopened"
+
+
+async def test_connection_attempts_back_off_while_the_server_is_unreachable(
+    pg_schema: str,
+) -> None:
+    """While every connection is refused, calls fail with StoreError, and the store tries to
+    connect now and then, not for every call; once connections go through, calls work again."""
+    async with running_proxy() as proxy:
+        queue = make_queue(proxy.url(pg_schema))
+        await queue.open()
+        try:
+            proxy.refusing = True
+            proxy.cut()
+            for _ in range(40):  # each a read, tried up to three times
+                with pytest.raises(StoreError):
+                    await queue.counts()
+            assert 1 <= proxy.refused <= 10, f"{proxy.refused} attempts to connect for 40 calls"
+            proxy.refusing = False
+            with anyio.fail_after(10):
+                while True:
+                    with contextlib.suppress(StoreError):
+                        assert sum((await queue.counts()).values()) == 0
+                        break
+                    await anyio.sleep(0.05)
+        finally:
+            await queue.close()

@@ -24,7 +24,7 @@ import anyio
 import psycopg
 import pytest
 
-from flexq import Call, State
+from flexq import Call, State, StoreError
 
 from .conftest import make_queue
 from .crash_worker import RunLog, register_tasks
@@ -188,7 +188,14 @@ async def test_jobs_finish_across_a_restart_of_the_server(
         await anyio.sleep(1.5)  # every process's calls fail meanwhile
         done_while_down = sum((await read_runs(restart_workers.runs)).dones.values())
         await private_server.start()
-        await until(lambda: all_final(queue, total), 60, "every job to be final")
+
+        async def finished() -> bool:
+            try:
+                return await all_final(queue, total)
+            except StoreError:  # the store waits a little before it connects again
+                return False
+
+        await until(finished, 60, "every job to be final")
         for process in processes:
             restart_workers.check_alive(process)
         jobs = await all_jobs(queue)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
+from flexq._backoff import retry_pause
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
     from collections.abc import Set as AbstractSet
@@ -136,6 +138,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Claim and hand over jobs until stopped or cancelled."""
+        pause = 0.0
         while not self._stopped:
             await self._sleep()
             if self._stopped:
@@ -151,9 +154,12 @@ class Dispatcher:
                 continue
             try:
                 await self._dispatch()
+                pause = 0.0
             except Exception as exc:
-                log.error("dispatch failed, retrying", error=repr(exc))
-                await anyio.sleep(min(self._poll_interval, 1.0))
+                pause = retry_pause(pause, self._poll_interval)
+                log.error("dispatch failed, retrying", error=repr(exc), retry_in=pause)
+                with anyio.move_on_after(pause):  # or sooner if woken (the LISTEN is back, say)
+                    await self._wake.wait()
 
     async def _sleep(self) -> None:
         now = self._clock()

@@ -32,6 +32,7 @@ import queue
 import re
 import select
 import threading
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -93,6 +94,10 @@ _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 MAX_PAYLOAD = 7900
 """NOTIFY payloads must stay under 8000 bytes; a longer list of tenants becomes a poll."""
+
+CONNECT_BACKOFF = (0.05, 1.0)
+"""After a failed attempt to connect, the store waits this long (the first, doubling up to the
+second while attempts fail) before it tries again; calls in between fail at once."""
 
 READ_ATTEMPTS = 3
 """How often a read is tried when the server drops its connection (writes are tried once: their
@@ -593,7 +598,8 @@ class _Connections:
     A call is ``fn(connection, *args)``. A thread connects on its first call, and again before
     a call if its idle connection was closed by the server (a restart, ``pg_terminate_backend``)
     or after a call broke it: the database going away fails the calls made while it is away
-    (StoreError, which every caller retries) and no more.
+    (StoreError, which every caller retries) and no more. While the server cannot be reached,
+    the threads together try to connect with backoff (:data:`CONNECT_BACKOFF`).
     """
 
     def __init__(self, name: str, size: int, connect: Callable[[], Connection]) -> None:
@@ -604,6 +610,11 @@ class _Connections:
         self._threads: list[threading.Thread] = []
         self.backend_pids: set[int] = set()
         """The server processes of these connections: their notifications are our own."""
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        """Why the last attempt to connect failed, until one succeeds."""
+        self._pause = 0.0
+        self._next_attempt = 0.0
 
     @property
     def running(self) -> bool:
@@ -643,7 +654,7 @@ class _Connections:
                         conn.close()
                         conn = None
                     if conn is None:
-                        conn = self._connect()
+                        conn = self._open()
                         self.backend_pids.add(conn.info.backend_pid)
                     call.result = call.fn(conn, *call.args)
                 except BaseException as exc:
@@ -657,6 +668,29 @@ class _Connections:
             if conn is not None:
                 self.backend_pids.discard(conn.info.backend_pid)
                 conn.close()
+
+    def _open(self) -> Connection:
+        """A new connection, unless attempts failed lately (then OperationalError at once)."""
+        with self._lock:
+            wait = self._next_attempt - time.monotonic()
+            if self._refused is not None and wait > 0:
+                raise psycopg.OperationalError(
+                    f"{self._refused} (the next attempt to connect is in {wait:.2f} s)"
+                )
+        try:
+            conn = self._connect()
+        except psycopg.Error as exc:
+            with self._lock:
+                now = time.monotonic()
+                if now >= self._next_attempt:  # not already pausing after another thread's
+                    low, high = CONNECT_BACKOFF
+                    self._pause = min(max(2 * self._pause, low), high)
+                    self._next_attempt = now + self._pause
+                self._refused = str(exc).strip()
+            raise
+        with self._lock:
+            self._refused, self._pause = None, 0.0
+        return conn
 
 
 class PostgresStore:
