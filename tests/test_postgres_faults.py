@@ -27,7 +27,7 @@ from .conftest import POSTGRES_DSN, make_queue, postgres_url
 from .test_postgres import sql, terminate
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 CONDITIONS = {
     "claim": "OLD.state = 'QUEUED' AND NEW.state IN ('PREPARING', 'PROCESSING')",
@@ -97,20 +97,11 @@ class Holds:
 
 
 @pytest.fixture
-def holds(pg_schema: str) -> Iterator[Any]:
-    """Makes :class:`Holds` for the test's schema once its tables exist; releases them at the
-    end."""
+def holds(pg_schema: str) -> Iterator[Callable[[], Holds]]:
+    """Makes :class:`Holds` for the test's schema, once its tables exist (its connection
+    closes at the end, which lets everything go on)."""
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
-        made: list[Holds] = []
-
-        def make() -> Holds:
-            made.append(Holds(pg_schema, admin))
-            return made[-1]
-
-        try:
-            yield make
-        finally:
-            admin.execute("SELECT pg_advisory_unlock_all()")
+        yield lambda: Holds(pg_schema, admin)
 
 
 class Proxy:
@@ -120,7 +111,7 @@ class Proxy:
         parsed = urllib.parse.urlsplit(POSTGRES_DSN)
         self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 5432)
         self._scopes: dict[int, anyio.CancelScope] = {}
-        """The connection through it, by the port the server sees them come from."""
+        """The connections through it, by the port the server sees each come from."""
         self._answers_cut: set[int] = set()
         self.port = 0
         self.refusing = False
@@ -197,7 +188,7 @@ def job_row(schema: str, job_id: str) -> tuple[Any, ...]:
 
 
 async def test_a_claim_whose_backend_is_terminated_is_made_again(
-    pg_schema: str, holds: Any
+    pg_schema: str, holds: Callable[[], Holds]
 ) -> None:
     """The server ends the connection of a claim while it waits: the claim is rolled back and
     made again, and the job runs once, its first attempt."""
@@ -222,7 +213,7 @@ async def test_a_claim_whose_backend_is_terminated_is_made_again(
 
 
 async def test_a_claim_whose_answer_is_lost_is_recovered_not_held_for_ever(
-    pg_schema: str, holds: Any
+    pg_schema: str, holds: Callable[[], Holds]
 ) -> None:
     """The connection of a claim is closed after the claim committed and before its answer
     arrived: the job is PROCESSING under this process's lease, which its runner never heard
@@ -259,7 +250,7 @@ async def test_a_claim_whose_answer_is_lost_is_recovered_not_held_for_ever(
 
 @pytest.mark.parametrize("fault", ["terminated", "closed"])
 async def test_a_report_whose_connection_breaks_is_written_later(
-    pg_schema: str, holds: Any, fault: str
+    pg_schema: str, holds: Callable[[], Holds], fault: str
 ) -> None:
     """The connection of a report of outcomes breaks while the report waits (terminated by
     the server, or closed under the client): the report is tried again, and the job ends
@@ -292,7 +283,7 @@ async def test_a_report_whose_connection_breaks_is_written_later(
 
 
 async def test_a_renewal_whose_backend_is_terminated_keeps_the_lease(
-    pg_schema: str, holds: Any
+    pg_schema: str, holds: Callable[[], Holds]
 ) -> None:
     """A lease renewal fails once (its backend terminated) while a job outlasts its lease:
     the next renewal holds the lease, and the job runs once, to its end."""
@@ -317,7 +308,7 @@ async def test_a_renewal_whose_backend_is_terminated_keeps_the_lease(
 
 
 async def test_a_job_whose_lease_could_not_be_renewed_is_stopped_not_run_twice_at_once(
-    pg_schema: str, holds: Any
+    pg_schema: str, holds: Callable[[], Holds]
 ) -> None:
     """Every renewal of a running job's lease fails for longer than the lease (its backend is
     terminated each time), in either of two processes: the process stops the job before the
