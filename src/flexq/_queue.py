@@ -455,7 +455,8 @@ class Queue:
             store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,
             max_lease_expiries=self.max_lease_expiries, retention=self.retention,
             prune_interval=self.prune_interval, held=runner.held_jobs,
-            on_renewed=runner.renewed, on_abort_requested=self._abort_held,
+            on_renewed=runner.renewed, on_renewal_failed=runner.renewal_failed,
+            on_abort_requested=self._abort_held,
             on_recovered=dispatcher.poll_now, worker=self._worker_record(),
         )  # fmt: skip
         self._monitor, self._runner, self._dispatcher, self._upkeep = (

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("flexq")
 
 LEASE_CHECKS = 20
-"""How often per lease the runner looks for running jobs whose lease would run out within two
-looks (renewals failed: the database was away), to stop them before another process may take
-them over."""
+"""How often per lease, while renewals fail (the database is away), the runner looks for
+running jobs whose lease would run out within two looks, to stop them before another process
+may take them over."""
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -92,10 +92,11 @@ class Runner:
     outcome is written the job stays under this process's lease, so a crash in between re-runs
     it (at-least-once) and never loses it.
 
-    A running job whose lease could not be renewed in time (the database was away) is stopped
-    before the lease runs out, when another process may take it over, and released like a job
-    stopped at shutdown: if the lease is still this process's when the database is back, the
-    job is queued again; if not, another process recovered it. It never runs twice at once.
+    While renewals fail (the database is away), a running job whose lease would run out is
+    stopped before another process may take it over, and released like a job stopped at
+    shutdown: if the lease is still this process's when the database is back, the job is
+    queued again; if not, another process recovered it: it does not run twice at once. A
+    renewal that is merely slow, not failed, stops nothing.
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class Runner:
         """Attempts handed over and not yet ended."""
         self._leases: dict[JobId, _Attempt] = {}
         """Attempts whose lease this runner holds: not yet ended, or their outcome unwritten."""
+        self._renewal_failed = False
         self._outbox: list[Outcome] = []
         self._outbox_ready = anyio.Event()
         self._report_lock = anyio.Lock()
@@ -209,16 +211,23 @@ class Runner:
 
     def renewed(self, job_ids: list[JobId], since: float) -> None:
         """The leases of ``job_ids`` were renewed by a call that began at ``since``."""
+        self._renewal_failed = False
         until = since + self._lease
         for job_id in job_ids:
             attempt = self._leases.get(job_id)
             if attempt is not None and attempt.lease_until < until:
                 attempt.lease_until = until
 
+    def renewal_failed(self) -> None:
+        """The last attempt to renew the leases failed."""
+        self._renewal_failed = True
+
     async def _guard_leases(self) -> None:
         """Stop the running jobs whose lease may run out before it is renewed."""
         while True:
             await anyio.sleep(self._lease / LEASE_CHECKS)
+            if not self._renewal_failed:
+                continue
             deadline = anyio.current_time() + 2 * self._lease / LEASE_CHECKS
             expiring = [
                 attempt for attempt in self._held.values()

@@ -34,6 +34,7 @@ class Upkeep:
         prune_interval: float,
         held: Callable[[], list[JobId]],
         on_renewed: Callable[[list[JobId], float], None],
+        on_renewal_failed: Callable[[], None],
         on_abort_requested: Callable[[list[JobId]], None],
         on_recovered: Callable[[], None],
         worker: WorkerRecord,
@@ -47,6 +48,7 @@ class Upkeep:
         self._prune_interval = prune_interval
         self._held = held
         self._on_renewed = on_renewed
+        self._on_renewal_failed = on_renewal_failed
         self._on_abort_requested = on_abort_requested
         self._on_recovered = on_recovered
         self._worker = worker
@@ -86,6 +88,7 @@ class Upkeep:
             aborted = await self._store.renew(self._owner, held, self._clock() + self._lease)
         except Exception as exc:
             log.error("could not renew leases", error=repr(exc))
+            self._on_renewal_failed()
             return
         self._on_renewed(held, started)
         if aborted:
