@@ -104,7 +104,11 @@ def test_ready_tenants_and_suspects_use_their_partial_indexes(
     [
         (pg.PROMOTE, {"now": 5.0}, "flexq_jobs_scheduled"),
         (pg.EXPIRED, {"now": 5.0}, "flexq_jobs_leases"),
-        (pg.RENEW, {"owner": "o7", "lease_until": 9.0}, "flexq_jobs_leases"),
+        (
+            pg.RENEW,
+            {"owner": "o9", "ids": [f"j{i}" for i in range(9, 1000, 10)], "lease_until": 9.0},
+            "flexq_jobs_id_key",
+        ),
         (pg.PRUNE, {"before": 5.0, "limit": 500}, "flexq_jobs_finished"),
     ],
     ids=["promote", "recover", "renew", "prune"],
@@ -112,7 +116,8 @@ def test_ready_tenants_and_suspects_use_their_partial_indexes(
 def test_upkeep_statements_use_their_partial_indexes(
     conn: psycopg.Connection[tuple[Any, ...]], sql: str, params: dict[str, Any], index: str
 ) -> None:
-    """Promotion, recovery, renewal and pruning find their rows through their own indexes."""
+    """Promotion, recovery and pruning find their rows through their own indexes, renewal
+    through the ids of the jobs it renews."""
     text = plan(conn, sql, params)
     assert index in text, text
     assert "Seq Scan on flexq_jobs" not in text, text

@@ -38,7 +38,8 @@ def test_ready_tenants_is_a_loose_index_scan(db: sqlite3.Connection) -> None:
 
 
 def test_suspects_and_promotion_and_recovery_use_partial_indexes(db: sqlite3.Connection) -> None:
-    """Suspects, due scheduled jobs and expired leases are found through their own indexes."""
+    """Suspects, due scheduled jobs and expired leases are found through their own indexes,
+    the jobs whose leases are renewed by their ids."""
     suspect_sql = store_sql._CLAIM_SUSPECT.format(
         suspect=store_sql._SUSPECT.format(marks="?4", paused_tenants=store_sql._PAUSED_TENANTS)
     )
@@ -49,8 +50,10 @@ def test_suspects_and_promotion_and_recovery_use_partial_indexes(db: sqlite3.Con
     store._conn = db
     store._promote(1.0)
     store._recover(1.0, 3)
-    store._renew("owner", 2.0)
+    store._renew("owner", ["a", "b"], 2.0)
     db.set_trace_callback(None)
     plans = [plan(db, sql, ()) for sql in statements if sql.lstrip().startswith(("SELECT", "UPD"))]
     assert len(plans) == 4
-    assert all("flexq_jobs_scheduled" in p or "flexq_jobs_leases" in p for p in plans), plans
+    *upkeep, renew = plans
+    assert all("flexq_jobs_scheduled" in p or "flexq_jobs_leases" in p for p in upkeep), plans
+    assert "sqlite_autoindex_flexq_jobs_1 (id=?)" in renew, renew

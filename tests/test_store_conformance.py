@@ -236,8 +236,19 @@ async def test_renew_extends_leases_and_reports_abort_requests(store: Store) -> 
     await put(store, job("a"), job("b"))
     await claim(store)
     assert await store.request_abort("b", T0) is State.PROCESSING
-    assert await store.renew(OWNER, T0 + 30) == ["b"]
+    assert await store.renew(OWNER, ["a", "b"], T0 + 30) == ["b"]
     assert (await store.recover(T0 + 20, 3)).requeued == []
+
+
+async def test_renew_extends_only_the_leases_named(store: Store) -> None:
+    """A held job that renew does not name (its owner lost track of it) keeps its old lease and
+    is recovered when it expires; another owner's job is not renewed by naming it."""
+    await put(store, job("a"), job("b"), job("c"))
+    assert await claim(store, n=2) == ["a", "b"]
+    other = await store.claim("other", {"acme": 1}, TASKS, T0, T0 + 10)
+    assert [j.id for j in other] == ["c"]
+    assert await store.renew(OWNER, ["a", "c", "unknown"], T0 + 30) == []
+    assert sorted((await store.recover(T0 + 20, 3)).requeued) == ["b", "c"]
 
 
 async def test_abort_waiting_job_ends_it_and_final_job_refuses(store: Store) -> None:

@@ -643,13 +643,19 @@ class StoreComparison(RuleBasedStateMachine):
                 want = None if outcome.result is None else loads(outcome.result)
                 assert new.result == want
 
-    @rule(owner=st.sampled_from(OWNERS), lease=st.sampled_from([-1.0, 5.0, 60.0]))
+    @rule(
+        owner=st.sampled_from(OWNERS),
+        lease=st.sampled_from([-1.0, 5.0, 60.0]),
+        every=st.sampled_from([1, 2]),
+    )
     @precondition(lambda self: self.any_in(RUNNING_STATES))
-    def renew(self, owner: str, lease: float) -> None:
-        """Renewing extends the owner's leases and names its jobs whose abort was requested."""
+    def renew(self, owner: str, lease: float, every: int) -> None:
+        """Renewing extends the owner's leases of the jobs named (every job, or every other,
+        held or not) and names those whose abort was requested."""
         until = self.now + lease
-        held = self.held_by(owner)
-        found = self.agree("renew", lambda store: store.renew(owner, until), key=set)
+        named = sorted(self.view)[::every]
+        held = self.held_by(owner) & set(named)
+        found = self.agree("renew", lambda store: store.renew(owner, named, until), key=set)
         assert not isinstance(found, Exception), found
         assert set(found) == {j for j in held if self.view[j].abort_requested}
         for job_id in held:

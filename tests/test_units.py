@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 import flexq
+from flexq._backoff import retry_pause
 from flexq._batching import GroupCommit
 from flexq._states import FINAL_STATES, check_transition
 
@@ -37,6 +38,15 @@ def test_backoff_grows_exponentially_up_to_the_maximum() -> None:
     backoff = flexq.Backoff(base=1.0, factor=2.0, maximum=10.0, jitter=0.0)
     assert [backoff.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
     assert backoff.delay(10_000) == 10.0
+
+
+def test_retry_pauses_double_from_the_first_up_to_two_seconds() -> None:
+    """A loop that keeps failing on the store pauses longer each time, never over 2 s."""
+    pauses = [0.0]
+    for _ in range(8):
+        pauses.append(retry_pause(pauses[-1], 0.05))
+    assert pauses[1:] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert retry_pause(0.0, 60.0) == 2.0
 
 
 def test_backoff_jitter_stays_within_its_bounds() -> None:

@@ -1,4 +1,5 @@
-"""Exponential backoff with jitter between the attempts of a job."""
+"""Exponential backoff with jitter between the attempts of a job, and between the passes of
+the loops that retry a store that is away."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ class Backoff:
         capped = min(self.maximum, raw)
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, capped * (1.0 + spread))
+
+
+MAX_RETRY_PAUSE = 2.0
+
+
+def retry_pause(previous: float, first: float) -> float:
+    """The pause after a failed pass of a loop that retries the store (the database is away):
+    ``first`` after the first failure, doubling up to :data:`MAX_RETRY_PAUSE`."""
+    return min(max(2 * previous, first, 0.01), MAX_RETRY_PAUSE)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
+from flexq._backoff import retry_pause
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
     from collections.abc import Set as AbstractSet
@@ -136,6 +138,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Claim and hand over jobs until stopped or cancelled."""
+        pause = 0.0
         while not self._stopped:
             await self._sleep()
             if self._stopped:
@@ -151,9 +154,12 @@ class Dispatcher:
                 continue
             try:
                 await self._dispatch()
+                pause = 0.0
             except Exception as exc:
-                log.error("dispatch failed, retrying", error=repr(exc))
-                await anyio.sleep(min(self._poll_interval, 1.0))
+                pause = retry_pause(pause, self._poll_interval)
+                log.error("dispatch failed, retrying", error=repr(exc), retry_in=pause)
+                with anyio.move_on_after(pause):  # or sooner if woken (the LISTEN is back, say)
+                    await self._wake.wait()
 
     async def _sleep(self) -> None:
         now = self._clock()
@@ -205,18 +211,18 @@ class Dispatcher:
             and (free := self._free(pool)) > 0
         ):
             wanted = pool.fairness.allocate(free)
-            now = self._clock()
+            now, started = self._clock(), anyio.current_time()
             jobs = await self._store.claim(self._owner, wanted, pool.tasks, now, now + self._lease)
             if self._stopped:
                 # The queue began to close while we claimed: the runner releases these.
-                self._runner.submit(jobs, callout=pool.callout)
+                self._runner.submit(jobs, claimed_at=started, callout=pool.callout)
                 return
             got = collections.Counter(job.tenant for job in jobs)
             for tenant, count in wanted.items():
                 if got[tenant] < count:
                     pool.fairness.discard(tenant)
             jobs.sort(key=lambda job: job.order)
-            self._runner.submit(jobs, callout=pool.callout)
+            self._runner.submit(jobs, claimed_at=started, callout=pool.callout)
 
     async def _claim_reserved(self) -> None:
         """Claim the jobs :meth:`run_reserved` names, as many as reserved workers are free.
@@ -227,18 +233,18 @@ class Dispatcher:
         free = self._runner.reserved_free
         if not free or ((self._isolating or self._suspects) and self._runner.in_flight):
             return
-        now = self._clock()
+        now, started = self._clock(), anyio.current_time()
         jobs = await self._store.claim_jobs(
             self._owner, job_ids[:free], self._tasks, now, now + self._lease
         )
-        self._runner.submit(jobs)  # on the reserved workers, callout tasks' jobs too
+        self._runner.submit(jobs, claimed_at=started)  # on the reserved workers, callout too
 
     def _is_callout(self, task: str) -> bool:
         return any(pool.callout and task in pool.tasks for pool in self._pools)
 
     async def _run_suspect(self) -> bool:
         """Claim a job whose worker died while running it, to run on its own."""
-        now = self._clock()
+        now, started = self._clock(), anyio.current_time()
         job = await self._store.claim_suspect(self._owner, self._tasks, now, now + self._lease)
         if job is None:
             self._suspects = False
@@ -246,5 +252,5 @@ class Dispatcher:
         log.warning("running a job whose previous worker died, alone", job_id=job.id,
                     tenant=job.tenant, task=job.task, attempt=job.attempt)  # fmt: skip
         self._isolating = True
-        self._runner.submit([job], callout=self._is_callout(job.task))
+        self._runner.submit([job], claimed_at=started, callout=self._is_callout(job.task))
         return True

@@ -452,7 +452,7 @@ class Queue:
         monitor = LoadMonitor(self._max_loop_lag, self._load_probe)
         runner = Runner(
             queue=self, store=self._store, owner=self._owner, tasks=self._tasks,
-            workers=self.worker_count, backoff=self.backoff, clock=self._clock,
+            workers=self.worker_count, lease=self.lease, backoff=self.backoff, clock=self._clock,
             on_slot_free=self._slot_freed, on_written=self._outcomes_written,
             on_batch_ended=self._batch_ended, on_batch_checkpoint=self._batch_checkpointed,
             reserved=self.reserved_workers, callout_workers=self.callout_concurrency,
@@ -468,7 +468,9 @@ class Queue:
         upkeep = Upkeep(
             store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,
             max_lease_expiries=self.max_lease_expiries, retention=self.retention,
-            prune_interval=self.prune_interval, on_abort_requested=self._abort_held,
+            prune_interval=self.prune_interval, held=runner.held_jobs,
+            on_renewed=runner.renewed, on_renewal_failed=runner.renewal_failed,
+            on_abort_requested=self._abort_held,
             on_recovered=dispatcher.poll_now, worker=self._worker_record(),
         )  # fmt: skip
         self._monitor, self._runner, self._dispatcher, self._upkeep = (

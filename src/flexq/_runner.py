@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("flexq")
 
+LEASE_CHECKS = 20
+"""How often per lease, while renewals fail (the database is away), the runner looks for
+running jobs whose lease would run out within two looks, to stop them before another process
+may take them over."""
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Pool:
@@ -37,7 +42,7 @@ class _Pool:
 
     size: int
     """Jobs it runs at once (the runner's reserved workers come on top of the main pool's)."""
-    ready: collections.deque[ClaimedJob] = dataclasses.field(default_factory=collections.deque)
+    ready: collections.deque[_Attempt] = dataclasses.field(default_factory=collections.deque)
     parked: list[anyio.Event] = dataclasses.field(default_factory=list)
     """Its idle worker tasks, each waiting for its event."""
     in_flight: int = 0
@@ -49,11 +54,13 @@ class _Pool:
 class _Attempt:
     job: ClaimedJob
     pool: _Pool
+    lease_until: float
+    """When its lease runs out unless renewed, on the event loop's clock."""
     scope: anyio.CancelScope | None = None
     """The scope of the worker while it runs this attempt's handler."""
     started: bool = False
     stop: str | None = None
-    """Why the attempt was stopped from outside: "abort" or "shutdown"."""
+    """Why the attempt was stopped from outside: "abort", "shutdown" or "lease"."""
     callouts: int = 0
     """Requests the handler made through ``ctx.http``."""
 
@@ -84,6 +91,12 @@ class Runner:
     A job's outcome is handed to the reporter and the worker moves on at once; until the
     outcome is written the job stays under this process's lease, so a crash in between re-runs
     it (at-least-once) and never loses it.
+
+    While renewals fail (the database is away), a running job whose lease would run out is
+    stopped before another process may take it over, and released like a job stopped at
+    shutdown: if the lease is still this process's when the database is back, the job is
+    queued again; if not, another process recovered it: it does not run twice at once. A
+    renewal that is merely slow, not failed, stops nothing.
     """
 
     def __init__(
@@ -94,6 +107,7 @@ class Runner:
         owner: str,
         tasks: Mapping[str, Task[Any]],
         workers: int,
+        lease: float,
         backoff: Backoff,
         clock: Callable[[], float],
         on_slot_free: Callable[[], None],
@@ -110,6 +124,7 @@ class Runner:
         self.workers = workers
         self.reserved = reserved
         """Extra workers that only jobs handed over by :meth:`Dispatcher.run_reserved` reach."""
+        self._lease = lease
         self._backoff = backoff
         self._clock = clock
         self._on_slot_free = on_slot_free
@@ -125,6 +140,10 @@ class Runner:
         self._in_flight = 0
         self._idle = anyio.Event()
         self._held: dict[JobId, _Attempt] = {}
+        """Attempts handed over and not yet ended."""
+        self._leases: dict[JobId, _Attempt] = {}
+        """Attempts whose lease this runner holds: not yet ended, or their outcome unwritten."""
+        self._renewal_failed = False
         self._outbox: list[Outcome] = []
         self._outbox_ready = anyio.Event()
         self._report_lock = anyio.Lock()
@@ -155,19 +174,28 @@ class Runner:
         """Jobs this runner holds: handed over and not yet reported."""
         return self._in_flight
 
-    def submit(self, jobs: list[ClaimedJob], *, callout: bool = False) -> None:
+    def submit(self, jobs: list[ClaimedJob], *, claimed_at: float, callout: bool = False) -> None:
         """Hand claimed jobs to the workers, or with ``callout`` to the callout pool; never
-        more than :attr:`free_slots` (:attr:`callout_free`)."""
+        more than :attr:`free_slots` (:attr:`callout_free`).
+
+        ``claimed_at`` is when the claim began (``anyio.current_time()``): their leases run
+        from then.
+        """
         pool = self._callouts if callout else self._main
-        for job in jobs:
+        if not self._leases.keys().isdisjoint(job.id for job in jobs):
+            # Claimed again, so the lease of the earlier attempt was lost.
+            self._forget([job.id for job in jobs if job.id in self._leases])
+        attempts = [_Attempt(job, pool, claimed_at + self._lease) for job in jobs]
+        for attempt in attempts:
+            job = attempt.job
             self._in_flight += 1
             pool.in_flight += 1
             if self._idle.is_set():
                 self._idle = anyio.Event()
-            self._held[job.id] = _Attempt(job, pool)
+            self._held[job.id] = self._leases[job.id] = attempt
             if job.kind is Kind.BATCH:
                 self._batches.add(job.id)
-        pool.ready.extend(jobs)
+        pool.ready.extend(attempts)
         woken = min(len(jobs), len(pool.parked))
         for _ in range(woken):
             pool.parked.pop().set()
@@ -176,6 +204,51 @@ class Runner:
                 pool.started += 1
                 self._group.start_soon(self._work, pool)
         self.counters.claimed += len(jobs)
+
+    def held_jobs(self) -> list[JobId]:
+        """The jobs whose lease this runner holds, to renew."""
+        return list(self._leases)
+
+    def renewed(self, job_ids: list[JobId], since: float) -> None:
+        """The leases of ``job_ids`` were renewed by a call that began at ``since``."""
+        self._renewal_failed = False
+        until = since + self._lease
+        for job_id in job_ids:
+            attempt = self._leases.get(job_id)
+            if attempt is not None and attempt.lease_until < until:
+                attempt.lease_until = until
+
+    def renewal_failed(self) -> None:
+        """The last attempt to renew the leases failed."""
+        self._renewal_failed = True
+
+    async def _guard_leases(self) -> None:
+        """Stop the running jobs whose lease may run out before it is renewed."""
+        while True:
+            await anyio.sleep(self._lease / LEASE_CHECKS)
+            if not self._renewal_failed:
+                continue
+            deadline = anyio.current_time() + 2 * self._lease / LEASE_CHECKS
+            expiring = [
+                attempt for attempt in self._held.values()
+                if attempt.lease_until <= deadline and attempt.stop is None
+            ]  # fmt: skip
+            if expiring:
+                log.warning("stopping jobs whose lease could not be renewed in time",
+                            jobs=[attempt.job.id for attempt in expiring])  # fmt: skip
+                for attempt in expiring:
+                    attempt.cancel("lease")
+
+    def _forget(self, job_ids: list[JobId]) -> None:
+        """This runner's leases on these jobs were lost: stop their attempts, drop their
+        outcomes."""
+        for job_id in job_ids:
+            attempt = self._leases.pop(job_id, None)
+            if attempt is not None:
+                attempt.cancel("lease")
+            self._batches.discard(job_id)
+        lost = set(job_ids)
+        self._outbox = [outcome for outcome in self._outbox if outcome.job_id not in lost]
 
     def abort(self, job_id: JobId) -> bool:
         """Cancel the job if this runner holds it; return whether it did."""
@@ -195,6 +268,7 @@ class Runner:
                 for _ in range(self._main.started):
                     group.start_soon(self._work, self._main)
                 group.start_soon(self._report_forever)
+                group.start_soon(self._guard_leases)
                 self._group = group
                 task_status.started()
         finally:
@@ -256,7 +330,7 @@ class Runner:
                 pool.parked.append(parked)
                 await parked.wait()
                 continue
-            attempt = self._held[pool.ready.popleft().id]
+            attempt = pool.ready.popleft()
             if attempt.stop is not None:
                 self._finish(attempt, interrupted=True)
                 continue
@@ -280,12 +354,14 @@ class Runner:
         interrupted: bool = False,
     ) -> None:
         job = attempt.job
-        del self._held[job.id]
-        outcome = self._outcome(attempt, result, error, interrupted)
-        if attempt.callouts:
-            outcome = outcome._replace(callouts=attempt.callouts)
-        self._outbox.append(outcome)
-        self._outbox_ready.set()
+        if self._held.get(job.id) is attempt:
+            del self._held[job.id]
+        if self._leases.get(job.id) is attempt:
+            outcome = self._outcome(attempt, result, error, interrupted)
+            if attempt.callouts:
+                outcome = outcome._replace(callouts=attempt.callouts)
+            self._outbox.append(outcome)
+            self._outbox_ready.set()
         self._in_flight -= 1
         attempt.pool.in_flight -= 1
         if not self._in_flight:
@@ -298,7 +374,7 @@ class Runner:
         job = attempt.job
         # A stop counts unless the handler ran to its end regardless (it returned a value).
         stopped = interrupted or error is not None or not attempt.started
-        if stopped and attempt.stop == "shutdown":
+        if stopped and attempt.stop in ("shutdown", "lease"):
             return Outcome(job.id, State.QUEUED, release=True)
         if stopped and attempt.stop == "abort":
             self.counters.aborted += 1
@@ -396,15 +472,24 @@ class Runner:
         async with self._report_lock:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
+                holders = [self._leases.get(outcome.job_id) for outcome in batch]
                 try:
                     with anyio.CancelScope(shield=True):
                         written = set(await self._store.report(self._owner, batch, self._clock()))
                 except Exception as exc:
                     log.error("could not report job outcomes, retrying", error=repr(exc),
                               jobs=len(batch))  # fmt: skip
-                    self._outbox[:0] = batch
+                    # Those forgotten meanwhile are not tried again.
+                    again = zip(batch, holders, strict=True)
+                    self._outbox[:0] = [
+                        outcome for outcome, holder in again
+                        if self._leases.get(outcome.job_id) is holder
+                    ]  # fmt: skip
                     await anyio.sleep(0.5)
                     continue
+                for outcome, holder in zip(batch, holders, strict=True):
+                    if holder is not None and self._leases.get(outcome.job_id) is holder:
+                        del self._leases[outcome.job_id]
                 self._on_written([outcome for outcome in batch if outcome.job_id in written])
                 if self._batches and any(o.job_id in self._batches for o in batch):
                     self._batches.difference_update(o.job_id for o in batch)

@@ -16,6 +16,7 @@ import anyio
 import structlog
 from croniter import CroniterBadDateError, croniter
 
+from flexq._backoff import retry_pause
 from flexq._errors import InvalidArguments
 from flexq._models import ScheduleInfo, ScheduleState
 from flexq._serialize import loads
@@ -234,13 +235,16 @@ class Scheduler:
 
     async def run(self) -> None:
         """Fire due schedules until cancelled."""
+        pause = 0.0
         while True:
             try:
                 next_time = await self.fire_due()
+                pause = 0.0
             except Exception as exc:
-                log.error("firing schedules failed, retrying", error=repr(exc))
+                pause = retry_pause(pause, self._poll_interval)
+                log.error("firing schedules failed, retrying", error=repr(exc), retry_in=pause)
                 next_time = None
-            wait = self._poll_interval
+            wait = pause or self._poll_interval
             if next_time is not None:
                 wait = min(wait, max(next_time - self._clock(), 0.0))
             if wait > 0:

@@ -32,6 +32,9 @@ class Upkeep:
         max_lease_expiries: int,
         retention: float,
         prune_interval: float,
+        held: Callable[[], list[JobId]],
+        on_renewed: Callable[[list[JobId], float], None],
+        on_renewal_failed: Callable[[], None],
         on_abort_requested: Callable[[list[JobId]], None],
         on_recovered: Callable[[], None],
         worker: WorkerRecord,
@@ -43,6 +46,9 @@ class Upkeep:
         self._max_lease_expiries = max_lease_expiries
         self._retention = retention
         self._prune_interval = prune_interval
+        self._held = held
+        self._on_renewed = on_renewed
+        self._on_renewal_failed = on_renewal_failed
         self._on_abort_requested = on_abort_requested
         self._on_recovered = on_recovered
         self._worker = worker
@@ -53,10 +59,14 @@ class Upkeep:
 
         Renewing first, in the same task, means that a process whose loop was blocked for a
         while extends its own leases before it looks for expired ones, so it never takes its
-        own running jobs for dead.
+        own running jobs for dead. Renewals begin every third of a lease however long the
+        calls take (unless one takes longer): slow calls do not push them towards the end of
+        the lease, when the runner stops the jobs whose lease was not renewed.
         """
+        began = anyio.current_time()
         while True:
-            await anyio.sleep(self._lease / 3)
+            await anyio.sleep(max(began + self._lease / 3 - anyio.current_time(), 0.0))
+            began = anyio.current_time()
             await self.renew()
             await self.recover()
             await self.heartbeat()
@@ -69,12 +79,18 @@ class Upkeep:
             log.error("could not record this worker's heartbeat", error=repr(exc))
 
     async def renew(self) -> None:
-        """Extend this process's leases; pass on abort requests for the jobs it holds."""
+        """Extend the leases of the jobs this process holds; pass on their abort requests."""
+        held = self._held()
+        if not held:
+            return
+        started = anyio.current_time()
         try:
-            aborted = await self._store.renew(self._owner, self._clock() + self._lease)
+            aborted = await self._store.renew(self._owner, held, self._clock() + self._lease)
         except Exception as exc:
             log.error("could not renew leases", error=repr(exc))
+            self._on_renewal_failed()
             return
+        self._on_renewed(held, started)
         if aborted:
             self._on_abort_requested(aborted)
 

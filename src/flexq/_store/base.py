@@ -220,8 +220,16 @@ class Store(Protocol):
         whose abort was requested ends ABORTED rather than QUEUED.
         """
 
-    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
-        """Extend every lease ``owner`` holds; return the held jobs whose abort was requested."""
+    async def renew(
+        self, owner: str, job_ids: Collection[JobId], lease_until: float
+    ) -> list[JobId]:
+        """Extend the leases ``owner`` holds on ``job_ids``; return those of them whose abort
+        was requested.
+
+        Only the jobs named are renewed: a job that ``owner`` holds in the store without
+        knowing it (a claim that committed, and whose answer the connection lost) lets its
+        lease run out and is recovered, rather than being held by nobody for ever.
+        """
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         """Requeue running jobs whose lease expired before ``now`` (an attempt counted).

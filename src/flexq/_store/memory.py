@@ -361,11 +361,14 @@ class MemoryStore:
             written.append(outcome.job_id)
         return written
 
-    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
+    async def renew(
+        self, owner: str, job_ids: Collection[JobId], lease_until: float
+    ) -> list[JobId]:
         await anyio.lowlevel.checkpoint()
         aborted = []
-        for row in self._rows.values():
-            if row.state in RUNNING_STATES and row.lease_owner == owner:
+        for job_id in dict.fromkeys(job_ids):
+            row = self._rows.get(job_id)
+            if row is not None and row.state in RUNNING_STATES and row.lease_owner == owner:
                 row.lease_until = lease_until
                 if row.abort_requested:
                     aborted.append(row.job.id)

@@ -33,6 +33,7 @@ import queue
 import re
 import select
 import threading
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -96,6 +97,10 @@ _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 MAX_PAYLOAD = 7900
 """NOTIFY payloads must stay under 8000 bytes; a longer list of tenants becomes a poll."""
+
+CONNECT_BACKOFF = (0.05, 1.0)
+"""After a failed attempt to connect, the store waits this long (the first, doubling up to the
+second while attempts fail) before it tries again; calls in between fail at once."""
 
 READ_ATTEMPTS = 3
 """How often a read is tried when the server drops its connection (writes are tried once: their
@@ -312,17 +317,16 @@ update, and is checked again on the locked row."""
 RENEW = f"""
 WITH held AS (
     SELECT seq FROM {{s}}.flexq_jobs
-    WHERE state IN ({_RUNNING}) AND lease_owner = %(owner)s
-    ORDER BY lease_until
+    WHERE id = ANY(%(ids)s::text[]) AND state IN ({_RUNNING}) AND lease_owner = %(owner)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
 WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
 RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
-"""Rows locked by a report in flight are skipped: they are being released, and locking them in
-another order than the report could deadlock. The order by ``lease_until`` makes it a plain
-scan of the index of running jobs, which marks the dead entries it meets (a bitmap scan
-would read them all again at every renewal until the next vacuum)."""
+"""The jobs named, found by their ids: a job that this owner holds in the table but not in its
+runner (a claim whose answer was lost with its connection) is not renewed, and is recovered when
+its lease expires. Rows locked by a report in flight are skipped: they are being released, and
+locking them in another order than the report could deadlock."""
 
 EXPIRED = f"""
 SELECT id, attempts, lease_expiries, abort_requested, kind, tenant FROM {{s}}.flexq_jobs
@@ -597,7 +601,8 @@ class _Connections:
     A call is ``fn(connection, *args)``. A thread connects on its first call, and again before
     a call if its idle connection was closed by the server (a restart, ``pg_terminate_backend``)
     or after a call broke it: the database going away fails the calls made while it is away
-    (StoreError, which every caller retries) and no more.
+    (StoreError, which every caller retries) and no more. While the server cannot be reached,
+    the threads together try to connect with backoff (:data:`CONNECT_BACKOFF`).
     """
 
     def __init__(self, name: str, size: int, connect: Callable[[], Connection]) -> None:
@@ -608,6 +613,11 @@ class _Connections:
         self._threads: list[threading.Thread] = []
         self.backend_pids: set[int] = set()
         """The server processes of these connections: their notifications are our own."""
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        """Why the last attempt to connect failed, until one succeeds."""
+        self._pause = 0.0
+        self._next_attempt = 0.0
 
     @property
     def running(self) -> bool:
@@ -647,7 +657,7 @@ class _Connections:
                         conn.close()
                         conn = None
                     if conn is None:
-                        conn = self._connect()
+                        conn = self._open()
                         self.backend_pids.add(conn.info.backend_pid)
                     call.result = call.fn(conn, *call.args)
                 except BaseException as exc:
@@ -661,6 +671,29 @@ class _Connections:
             if conn is not None:
                 self.backend_pids.discard(conn.info.backend_pid)
                 conn.close()
+
+    def _open(self) -> Connection:
+        """A new connection, unless attempts failed lately (then OperationalError at once)."""
+        with self._lock:
+            wait = self._next_attempt - time.monotonic()
+            if self._refused is not None and wait > 0:
+                raise psycopg.OperationalError(
+                    f"{self._refused} (the next attempt to connect is in {wait:.2f} s)"
+                )
+        try:
+            conn = self._connect()
+        except psycopg.Error as exc:
+            with self._lock:
+                now = time.monotonic()
+                if now >= self._next_attempt:  # not already pausing after another thread's
+                    low, high = CONNECT_BACKOFF
+                    self._pause = min(max(2 * self._pause, low), high)
+                    self._next_attempt = now + self._pause
+                self._refused = str(exc).strip()
+            raise
+        with self._lock:
+            self._refused, self._pause = None, 0.0
+        return conn
 
 
 class PostgresStore:
@@ -1102,8 +1135,10 @@ class PostgresStore:
                 self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
-    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
-        params = {"owner": owner, "lease_until": lease_until}
+    async def renew(
+        self, owner: str, job_ids: Collection[JobId], lease_until: float
+    ) -> list[JobId]:
+        params = {"owner": owner, "ids": list(job_ids), "lease_until": lease_until}
         rows = await self._run(self._select, self.sql(RENEW), params)
         return [job_id for job_id, abort_requested, _ in rows if abort_requested]
 

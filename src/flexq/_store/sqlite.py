@@ -708,18 +708,24 @@ class SQLiteStore:
                 self._admit(db, tenant)
         return written
 
-    async def renew(self, owner: str, lease_until: float) -> list[JobId]:
-        return await self._run(self._renew, owner, lease_until)
+    async def renew(
+        self, owner: str, job_ids: Collection[JobId], lease_until: float
+    ) -> list[JobId]:
+        return await self._run(self._renew, owner, list(job_ids), lease_until)
 
-    def _renew(self, owner: str, lease_until: float) -> list[JobId]:
+    def _renew(self, owner: str, job_ids: list[JobId], lease_until: float) -> list[JobId]:
+        aborted: list[JobId] = []
         with self._transaction() as db:
-            rows = db.execute(
-                "UPDATE flexq_jobs INDEXED BY flexq_jobs_leases SET lease_until = ?"
-                f" WHERE state IN ({_RUNNING})"
-                " AND lease_owner = ? RETURNING id, abort_requested",
-                (lease_until, owner),
-            ).fetchall()
-        return [job_id for job_id, abort_requested in rows if abort_requested]
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                rows = db.execute(
+                    f"UPDATE flexq_jobs SET lease_until = ? WHERE state IN ({_RUNNING})"
+                    f" AND lease_owner = ? AND id IN ({','.join('?' * len(chunk))})"
+                    " RETURNING id, abort_requested",
+                    (lease_until, owner, *chunk),
+                ).fetchall()
+                aborted.extend(job_id for job_id, abort_requested in rows if abort_requested)
+        return aborted
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         return await self._run(self._recover, now, max_lease_expiries)

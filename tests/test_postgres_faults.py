@@ -1,0 +1,413 @@
+"""The database connection failing at chosen moments: during a claim, a report of outcomes, a
+lease renewal, and under the LISTEN connection. Nothing is lost, nothing stays stuck, and no
+job runs twice at once.
+
+The moments are chosen without touching flexq: a trigger in the test's schema makes the
+statement of interest wait for an advisory lock that the test holds, the test finds that
+statement in ``pg_stat_activity``, breaks its connection (``pg_terminate_backend`` on the
+server's side, or a TCP proxy that cuts it on the client's side), and lets go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import psycopg
+import pytest
+from anyio.abc import SocketAttribute
+
+from flexq import State, StoreError
+
+from .conftest import POSTGRES_DSN, make_queue, postgres_url
+from .test_postgres import sql, terminate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+CONDITIONS = {
+    "claim": "OLD.state = 'QUEUED' AND NEW.state IN ('PREPARING', 'PROCESSING')",
+    "report": "OLD.lease_owner IS NOT NULL AND NEW.lease_owner IS NULL"
+    " AND NEW.lease_expiries = OLD.lease_expiries",
+    "renew": "OLD.lease_owner = NEW.lease_owner AND OLD.lease_until <> NEW.lease_until",
+}
+"""Which updates of a job's row each hold waits on (a recovery adds a lease expiry)."""
+
+STATEMENTS = {
+    "claim": "%candidates AS%",
+    "report": "%release, retry, final%",
+    "renew": "%SET lease_until = %",
+}
+"""How the statement of each moment reads in ``pg_stat_activity``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    pid: int
+    client_port: int
+
+
+class Holds:
+    """Makes chosen updates of the schema's jobs wait until :meth:`release` (or the end)."""
+
+    def __init__(self, schema: str, admin: psycopg.Connection[tuple[Any, ...]]) -> None:
+        self.schema = schema
+        self._admin = admin
+        self._key = f"flexq-faults.{schema}"
+        self._admin.execute(
+            f"""CREATE FUNCTION "{schema}".hold() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_advisory_xact_lock_shared(hashtextextended('{self._key}', 0));
+                RETURN NEW;
+            END $$"""
+        )
+
+    def hold(self, moment: str) -> None:
+        """From now on, the updates of ``moment`` wait."""
+        self._admin.execute(
+            f'CREATE TRIGGER hold_{moment} BEFORE UPDATE ON "{self.schema}".flexq_jobs'
+            f' FOR EACH ROW WHEN ({CONDITIONS[moment]}) EXECUTE FUNCTION "{self.schema}".hold()'
+        )
+        self._admin.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self._key,))
+
+    def release(self) -> None:
+        """Let the waiting updates (and later ones) go on."""
+        self._admin.execute("SELECT pg_advisory_unlock_all()")
+
+    async def blocked(self, moment: str, timeout: float = 10.0) -> Blocked:
+        """The flexq connection whose statement of ``moment`` waits, once one does."""
+        with anyio.fail_after(timeout):
+            while True:
+                rows = sql(
+                    "SELECT pid, client_port FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = 'flexq'"
+                    " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                    " AND query LIKE %s AND query LIKE %s",
+                    STATEMENTS[moment],
+                    f'%"{self.schema}".flexq_jobs%',
+                )
+                if rows:
+                    pid, port = rows[0]
+                    return Blocked(int(str(pid)), int(str(port)))
+                await anyio.sleep(0.02)
+
+
+@pytest.fixture
+def holds(pg_schema: str) -> Iterator[Callable[[], Holds]]:
+    """Makes :class:`Holds` for the test's schema, once its tables exist (its connection
+    closes at the end, which lets everything go on)."""
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        yield lambda: Holds(pg_schema, admin)
+
+
+class Proxy:
+    """A TCP proxy in front of the test server that can cut the connections through it."""
+
+    def __init__(self) -> None:
+        parsed = urllib.parse.urlsplit(POSTGRES_DSN)
+        self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 5432)
+        self._scopes: dict[int, anyio.CancelScope] = {}
+        """The connections through it, by the port the server sees each come from."""
+        self._answers_cut: set[int] = set()
+        self.port = 0
+        self.refusing = False
+        self.accepted = 0
+        self.refused = 0
+
+    def url(self, schema: str) -> str:
+        parsed = urllib.parse.urlsplit(postgres_url(schema))
+        return parsed._replace(netloc=f"{parsed.username}@127.0.0.1:{self.port}").geturl()
+
+    def cut(self, client_port: int | None = None) -> None:
+        """Close the connection the server sees coming from ``client_port`` (or all of them)
+        on both sides at once."""
+        for port, scope in list(self._scopes.items()):
+            if client_port in (None, port):
+                scope.cancel()
+
+    def cut_answer(self, client_port: int) -> None:
+        """Drop what the server sends next on that connection, and close it."""
+        self._answers_cut.add(client_port)
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            self.port = listener.extra(SocketAttribute.local_port)
+            task_status.started()
+            await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            if self.refusing:
+                self.refused += 1
+                return
+            self.accepted += 1
+            async with await anyio.connect_tcp(*self._upstream) as server:
+                port = server.extra(SocketAttribute.local_port)
+                with anyio.CancelScope() as self._scopes[port]:
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(self._pump, client, server, None, group.cancel_scope)
+                        group.start_soon(self._pump, server, client, port, group.cancel_scope)
+                del self._scopes[port]
+
+    async def _pump(
+        self,
+        source: anyio.abc.SocketStream,
+        sink: anyio.abc.SocketStream,
+        answers_of: int | None,
+        scope: anyio.CancelScope,
+    ) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for data in source:
+                if answers_of in self._answers_cut:
+                    break
+                await sink.send(data)
+        scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy() -> AsyncIterator[Proxy]:
+    proxy = Proxy()
+    async with anyio.create_task_group() as group:
+        await group.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            group.cancel_scope.cancel()
+
+
+def job_row(schema: str, job_id: str) -> tuple[Any, ...]:
+    (row,) = sql(
+        f'SELECT state, lease_owner IS NOT NULL, attempts FROM "{schema}".flexq_jobs WHERE id = %s',
+        job_id,
+    )
+    return row
+
+
+async def test_a_claim_whose_backend_is_terminated_is_made_again(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """The server ends the connection of a claim while it waits: the claim is rolled back and
+    made again, and the job runs once, its first attempt."""
+    queue = make_queue(postgres_url(pg_schema), workers=2)
+    runs: list[int] = []
+
+    @queue.task(name="probe")
+    async def probe(n: int) -> int:
+        runs.append(n)
+        return n
+
+    async with queue:
+        faults = holds()
+        faults.hold("claim")
+        job_id = await queue.enqueue(probe, 1)
+        blocked = await faults.blocked("claim")
+        terminate({blocked.pid})
+        faults.release()
+        info = await queue.wait(job_id, timeout=20)
+    assert (info.state, info.result, info.attempts, info.errors) == (State.COMPLETED, 1, 1, ())
+    assert runs == [1]
+
+
+async def test_a_claim_whose_answer_is_lost_is_recovered_not_held_for_ever(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """The connection of a claim is closed after the claim committed and before its answer
+    arrived: the job is PROCESSING under this process's lease, which its runner never heard
+    of. The process does not renew that lease, so the job is recovered when it expires and
+    runs, once."""
+    async with running_proxy() as proxy:
+        queue = make_queue(proxy.url(pg_schema), workers=2, lease=1.0)
+        runs: list[int] = []
+
+        @queue.task(name="probe")
+        async def probe(n: int) -> int:
+            runs.append(n)
+            return n
+
+        async with queue:
+            faults = holds()
+            faults.hold("claim")
+            job_id = await queue.enqueue(probe, 1)
+            blocked = await faults.blocked("claim")
+            proxy.cut_answer(blocked.client_port)
+            faults.release()
+            with anyio.move_on_after(0.8):  # before the lease of 1 s expires
+                while True:  # the server commits the claim on its own time
+                    if job_row(pg_schema, job_id) == ("PROCESSING", True, 1):
+                        break
+                    await anyio.sleep(0.02)
+            assert job_row(pg_schema, job_id) == ("PROCESSING", True, 1), "the claim was undone"
+            assert runs == []
+            info = await queue.wait(job_id, timeout=20)
+    assert (info.state, info.result, info.attempts) == (State.COMPLETED, 1, 2)
+    assert [error.type for error in info.errors] == ["flexq.LeaseExpired"]
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("fault", ["terminated", "closed"])
+async def test_a_report_whose_connection_breaks_is_written_later(
+    pg_schema: str, holds: Callable[[], Holds], fault: str
+) -> None:
+    """The connection of a report of outcomes breaks while the report waits (terminated by
+    the server, or closed under the client): the report is tried again, and the job ends
+    COMPLETED with its result, run once."""
+    async with running_proxy() as proxy:
+        queue = make_queue(proxy.url(pg_schema), workers=2)
+        runs: list[int] = []
+
+        @queue.task(name="probe")
+        async def probe(n: int) -> int:
+            runs.append(n)
+            return n
+
+        async with queue:
+            faults = holds()
+            faults.hold("report")
+            job_id = await queue.enqueue(probe, 7)
+            blocked = await faults.blocked("report")
+            connections = proxy.accepted
+            if fault == "terminated":
+                terminate({blocked.pid})
+            else:
+                proxy.cut(blocked.client_port)
+            await anyio.sleep(0.1)
+            faults.release()
+            info = await queue.wait(job_id, timeout=20)
+            assert proxy.accepted > connections, "the broken connection was not replaced"
+    assert (info.state, info.result, info.attempts, info.errors) == (State.COMPLETED, 7, 1, ())
+    assert runs == [7]
+
+
+async def test_a_renewal_whose_backend_is_terminated_keeps_the_lease(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """A lease renewal fails once (its backend terminated) while a job outlasts its lease:
+    the next renewal holds the lease, and the job runs once, to its end."""
+    queue = make_queue(postgres_url(pg_schema), workers=2, lease=1.0)
+    events: list[str] = []
+
+    @queue.task(name="long")
+    async def long() -> None:
+        events.append("start")
+        await anyio.sleep(2.0)
+        events.append("done")
+
+    async with queue:
+        faults = holds()
+        faults.hold("renew")
+        job_id = await queue.enqueue(long)
+        terminate({(await faults.blocked("renew")).pid})
+        faults.release()
+        info = await queue.wait(job_id, timeout=20)
+    assert (info.state, info.attempts, info.errors) == (State.COMPLETED, 1, ())
+    assert events == ["start", "done"]
+
+
+async def test_a_job_whose_lease_could_not_be_renewed_is_stopped_not_run_twice_at_once(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """Every renewal of a running job's lease fails for longer than the lease (its backend is
+    terminated each time), in either of two processes: the process stops the job before the
+    lease runs out and hands it back, so it never runs in both at once. Once renewals work
+    again, the job runs to its end."""
+    url = postgres_url(pg_schema)
+    queues = {name: make_queue(url, workers=1, lease=1.0) for name in ("a", "b")}
+    events: list[tuple[str, str]] = []
+
+    for name, queue in queues.items():
+
+        @queue.task(name="long")
+        async def long(name: str = name) -> None:
+            events.append(("start", name))
+            try:
+                await anyio.sleep(2.0)
+            except anyio.get_cancelled_exc_class():
+                events.append(("stopped", name))
+                raise
+            events.append(("done", name))
+
+    async with queues["a"], queues["b"]:
+        faults = holds()
+        faults.hold("renew")
+        job_id = await queues["a"].enqueue("long")
+        with anyio.move_on_after(1.6):  # longer than the lease
+            while True:
+                terminate({(await faults.blocked("renew")).pid})
+        faults.release()
+        info = await queues["a"].wait(job_id, timeout=20)
+    assert info.state is State.COMPLETED
+    assert ("stopped", events[0][1]) in events, "no run was stopped"
+    running = None
+    for event, name in events:
+        assert running == (None if event == "start" else name), f"ran twice at once: {events}"
+        running = name if event == "start" else None
+    assert [event for event, _ in events].count("done") == 1
+
+
+async def test_a_job_enqueued_while_the_listen_connection_is_down_starts_when_it_returns(
+    pg_schema: str,
+) -> None:
+    """Every connection of an idle worker queue (polling once a minute) is cut and refused for
+    a while; another queue enqueues meanwhile, and its notification reaches nobody. Once the
+    connections are let through, the LISTEN connection comes back and wakes the dispatcher:
+    the job starts within seconds, not at the next poll."""
+    async with running_proxy() as proxy:
+        worker = make_queue(proxy.url(pg_schema), poll_interval=60.0)
+        producer = make_queue(postgres_url(pg_schema))
+        started = anyio.Event()
+
+        for queue in (worker, producer):
+
+            @queue.task(name="probe")
+            async def probe() -> None:
+                started.set()
+
+        listening = f'LISTEN "flexq_{pg_schema}"'
+        async with worker:
+            await producer.open()
+            try:
+                await anyio.sleep(0.3)  # the worker's first poll is over: it sleeps a minute
+                (before,) = sql("SELECT pid FROM pg_stat_activity WHERE query = %s", listening)
+                proxy.refusing = True
+                proxy.cut()
+                await producer.enqueue("probe")
+                await anyio.sleep(0.5)
+                assert not started.is_set()
+                proxy.refusing = False
+                with anyio.fail_after(10):  # reconnections back off; the poll is a minute away
+                    await started.wait()
+                after = sql("SELECT pid FROM pg_stat_activity WHERE query = %s", listening)
+            finally:
+                await producer.close()
+    assert len(after) == 1
+    assert after != [before], "the LISTEN connection was not reopened"
+
+
+async def test_connection_attempts_back_off_while_the_server_is_unreachable(
+    pg_schema: str,
+) -> None:
+    """While every connection is refused, calls fail with StoreError, and the store tries to
+    connect now and then, not for every call; once connections go through, calls work again."""
+    async with running_proxy() as proxy:
+        queue = make_queue(proxy.url(pg_schema))
+        await queue.open()
+        try:
+            proxy.refusing = True
+            proxy.cut()
+            for _ in range(40):  # each a read, tried up to three times
+                with pytest.raises(StoreError):
+                    await queue.counts()
+            assert 1 <= proxy.refused <= 10, f"{proxy.refused} attempts to connect for 40 calls"
+            proxy.refusing = False
+            with anyio.fail_after(10):
+                while True:
+                    with contextlib.suppress(StoreError):
+                        assert sum((await queue.counts()).values()) == 0
+                        break
+                    await anyio.sleep(0.05)
+        finally:
+            await queue.close()
