@@ -26,10 +26,10 @@ import pytest
 
 from flexq import Call, State, StoreError
 
+from ._processes import WorkerProcesses, all_final, all_jobs, read_runs, until, worker_processes_on
 from .conftest import make_queue
 from .crash_worker import RunLog, register_tasks
-from .test_crash import all_final, all_jobs, read_runs, until
-from .test_postgres_crash import TENANTS, UrlWorkers
+from .test_postgres_crash import TENANTS
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -152,17 +152,15 @@ async def restart_workers(
     private_server: PrivateServer,
     private_schema: str,
     anyio_backend: tuple[str, dict[str, Any]],
-) -> AsyncIterator[UrlWorkers]:
+) -> AsyncIterator[WorkerProcesses]:
     """Worker processes on the private server, on the test's kind of event loop."""
-    processes = UrlWorkers(tmp_path, anyio_backend[0], private_server.url(private_schema))
-    try:
+    url = private_server.url(private_schema)
+    async with worker_processes_on(url, tmp_path, anyio_backend[0]) as processes:
         yield processes
-    finally:
-        await processes.close()
 
 
 async def test_jobs_finish_across_a_restart_of_the_server(
-    private_server: PrivateServer, restart_workers: UrlWorkers
+    private_server: PrivateServer, restart_workers: WorkerProcesses
 ) -> None:
     """A queue in this process and two worker processes share 3,000 jobs of 5 tenants; the
     server is stopped for 1.5 s (longer than their 1 s leases) in the middle and started
