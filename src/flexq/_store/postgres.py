@@ -61,6 +61,7 @@ from flexq._store.base import (
     BatchCounts,
     ChunkDone,
     ClaimedJob,
+    ClaimRequest,
     DependentJob,
     EnqueueResult,
     EnqueueUnit,
@@ -116,10 +117,11 @@ the disk (a fraction of a second later), they are undone, and undoing them is sa
 QUEUED again, or SCHEDULED, or its lease a few seconds shorter). An outcome written later is
 flushed with all the WAL before it, claim included. Enqueues and outcomes wait for the disk."""
 
-_CLAIMED_COLUMNS = (
+_CLAIMED = (
     "j.id, j.task, j.kind, j.tenant, j.priority, j.args, j.kwargs, j.attempts, j.max_attempts,"
-    f" j.timeout, j.parent_id, j.kind_rank, j.seq, {ASYNC_COMMIT}"
+    " j.timeout, j.parent_id, j.kind_rank, j.seq"
 )
+_CLAIMED_COLUMNS = f"{_CLAIMED}, {ASYNC_COMMIT}"
 _TAKE = (
     "state = CASE WHEN j.kind = 'batch' THEN 'PREPARING' ELSE 'PROCESSING' END,"
     " attempts = j.attempts + 1, started_at = %(now)s,"
@@ -154,7 +156,7 @@ VALUES (%(id)s, %(task)s, %(kind)s, %(kind_rank)s, %(tenant)s, %(priority)s, %(s
 """One job: cheaper for the server than unnesting arrays of one element (an idle queue's
 enqueue is a round trip of its latency)."""
 
-CLAIM = (
+_CLAIM = (
     "WITH"
     + _RUNNABLE
     + """,
@@ -185,14 +187,17 @@ UPDATE {s}.flexq_jobs AS j SET """
     + """
 WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
 RETURNING """
-    + _CLAIMED_COLUMNS
 )
+CLAIM = _CLAIM + _CLAIMED_COLUMNS
 """Claims for every tenant at once: the best ``n`` of each (tenant, runnable task) pair, read
 off ``flexq_jobs_ready`` and locked (skipping rows other claims hold), then the best ``n`` of
 each tenant among those.
 
 Here and below, updates find their rows with ``= ANY (array)``: joined to a CTE or a VALUES
 list instead, the planner may guess many rows and hash the whole table."""
+
+CLAIM_DURABLE = _CLAIM + _CLAIMED
+""":data:`CLAIM` in the transaction of an enqueue, which must wait for the disk."""
 
 READY_TENANTS = """
 WITH RECURSIVE ready(tenant) AS (
@@ -977,15 +982,40 @@ class PostgresStore:
         now: float,
         lease_until: float,
     ) -> list[ClaimedJob]:
-        asked = {tenant: count for tenant, count in wanted.items() if count > 0}
-        if not asked or not tasks:
+        params = _claim_params(ClaimRequest(owner, wanted, tasks, lease_until), now)
+        if params is None:
             return []
-        params = {
-            "tasks": sorted(tasks), "tenants": list(asked), "counts": list(asked.values()),
-            "now": now, "owner": owner, "lease_until": lease_until,
-        }  # fmt: skip
         rows = await self._run(self._select, self.sql(CLAIM), params)
         return sorted(map(_claimed, rows), key=_by_order)
+
+    async def enqueue_and_claim(
+        self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+        ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
+        results, rows = await self._run(
+            self._enqueue_and_claim, units, now, self._tell_others(ready), claim
+        )
+        return results, sorted(map(_claimed, rows), key=_by_order)
+
+    def _enqueue_and_claim(
+        self,
+        conn: Connection,
+        units: Sequence[EnqueueUnit],
+        now: float,
+        tell_others: bool,
+        claim: ClaimRequest,
+    ) -> tuple[list[EnqueueResult], list[tuple[Any, ...]]]:
+        params = _claim_params(claim, now)
+        if params is None:
+            return self._enqueue(conn, units, now, tell_others), []
+        if not all(_plain(job) for unit in units for job in unit.jobs):
+            results = self._enqueue(conn, units, now, tell_others)
+            return results, self._select(conn, self.sql(CLAIM), params)
+        # One round trip: the statements of a pipeline up to its sync are one transaction.
+        with conn.pipeline():
+            results = self._enqueue(conn, units, now, tell_others)
+            claimed = conn.execute(self.sql(CLAIM_DURABLE), params)
+        return results, claimed.fetchall()
 
     async def has_suspects(self, tasks: Collection[str]) -> bool:
         rows = await self._read(self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
@@ -2036,6 +2066,17 @@ def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
         kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9], parent_id=row[10],
         order=(-row[4], row[11], row[12]),
     )  # fmt: skip
+
+
+def _claim_params(claim: ClaimRequest, now: float) -> dict[str, Any] | None:
+    """The parameters of :data:`CLAIM`, or None if it would claim nothing."""
+    asked = {tenant: count for tenant, count in claim.wanted.items() if count > 0}
+    if not asked or not claim.tasks:
+        return None
+    return {
+        "tasks": sorted(claim.tasks), "tenants": list(asked), "counts": list(asked.values()),
+        "now": now, "owner": claim.owner, "lease_until": claim.lease_until,
+    }  # fmt: skip
 
 
 def _by_order(job: ClaimedJob) -> tuple[int, int, int]:
