@@ -732,6 +732,12 @@ def case_postgres(args: argparse.Namespace, sizes: PostgresSizes, out: Results) 
                peer.enqueue)  # fmt: skip
     pgq = peer_runs.get("pgqueuer")
     if pgq is not None:
+        for key, p50 in latencies.items():
+            processes, backend = key.split("/")
+            name = f"postgres idle p50, pgqueuer's / flexq's {backend}, {processes} process(es)"
+            value = pgq.idle_p50_ms / p50
+            print(f"    {name:<66}{value:>8.2f}x  ({pgq.idle_p50_ms:.2f} vs {p50:.2f} ms)")
+            out.add(name, f"{value:.2f}x")
         for label, ours, theirs, target in (
             ("run, best 1 process", best_run, pgq.run, 2.0),
             (f"run, {sizes.processes} processes", many.rate, pgq.run, 2.0),

@@ -24,15 +24,24 @@ from flexq import (
 from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
-from flexq._store.base import ACTIVE_BATCH_STATES, DependentJob, EnqueueUnit, JobFilter, Outcome
-from flexq._store.postgres import PostgresStore
+from flexq._store.base import (
+    ACTIVE_BATCH_STATES,
+    ClaimedJob,
+    ClaimRequest,
+    DependentJob,
+    EnqueueResult,
+    EnqueueUnit,
+    JobFilter,
+    Outcome,
+)
+from flexq._store.postgres import CLAIM_DURABLE, PostgresStore
 from flexq._store.url import store_from_url
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
 from .test_store_conformance import OWNER, T0, TASKS, job, put
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
 
 @pytest.fixture
@@ -543,3 +552,81 @@ async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
         for store in stores:
             await store.close()
     assert {info.state for info in infos} == {State.QUEUED}
+
+
+class _CountingStore(PostgresStore):
+    """Counts the claims the dispatcher makes, and those made in an enqueue's round trip."""
+
+    claims = 0
+    claims_on_enqueue = 0
+
+    async def claim(self, *args: Any) -> list[ClaimedJob]:
+        self.claims += 1
+        return await super().claim(*args)
+
+    async def enqueue_and_claim(
+        self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+        self.claims_on_enqueue += 1
+        return await super().enqueue_and_claim(units, now, claim)
+
+
+async def test_an_idle_queue_claims_what_it_enqueues_in_the_same_round_trip(
+    pg_schema: str,
+) -> None:
+    """An enqueue into an idle queue claims its job for a free worker in its own transaction:
+    the dispatcher makes no claim of its own for it."""
+    store = _CountingStore(POSTGRES_DSN, schema=pg_schema)
+    queue = make_queue(store, poll_interval=60.0)
+    started = anyio.Event()
+
+    @queue.task(name="probe")
+    async def probe() -> None:
+        started.set()
+
+    async with queue:
+        await anyio.sleep(0.2)  # the first poll is over: the dispatcher sleeps for a minute
+        before = store.claims
+        with anyio.fail_after(10):
+            job_id = await queue.enqueue(probe)
+            await started.wait()
+            assert (await queue.wait(job_id)).state is State.COMPLETED
+        assert (store.claims_on_enqueue, store.claims) == (1, before)
+
+
+async def test_a_claim_made_on_enqueue_obeys_pauses(pg_schema: str) -> None:
+    """The claim an idle queue makes as it enqueues skips a paused tenant's job, which waits
+    QUEUED until the pause is lifted."""
+    store = _CountingStore(POSTGRES_DSN, schema=pg_schema)
+    queue = make_queue(store, poll_interval=60.0)
+
+    @queue.task(name="probe")
+    async def probe() -> None:
+        pass
+
+    async with queue:
+        await queue.pause(tenant="t1")
+        await anyio.sleep(0.2)
+        with anyio.fail_after(10):
+            held = await queue.enqueue(probe, tenant="t1")
+            free = await queue.enqueue(probe, tenant="t2")
+            assert (await queue.wait(free)).state is State.COMPLETED
+            assert store.claims_on_enqueue == 2
+            assert (await queue.get(held)).state is State.QUEUED
+            await queue.resume(tenant="t1")
+            assert (await queue.wait(held)).state is State.COMPLETED
+
+
+async def test_the_claim_made_on_enqueue_leaves_the_commit_synchronous(
+    pg_store: PostgresStore,
+) -> None:
+    """The claim that shares an enqueue's transaction does not let it commit without waiting
+    for the disk, as a claim of its own does."""
+    await put(pg_store, job("j1"))
+    params = {"tasks": sorted(TASKS), "tenants": ["acme"], "counts": [1], "now": T0,
+              "owner": OWNER, "lease_until": T0 + 10}  # fmt: skip
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn, conn.pipeline():
+        claimed = conn.execute(pg_store.sql(CLAIM_DURABLE), params)
+        setting = conn.execute("SELECT current_setting('synchronous_commit')")
+    assert [row[0] for row in claimed.fetchall()] == ["j1"]
+    assert setting.fetchall() == [("on",)]

@@ -149,3 +149,13 @@ def test_admission_reads_the_holding_and_active_batch_indexes(
         assert "flexq_jobs_holding" in text, text
         assert "flexq_jobs_active_batches" in text, text
         assert "Seq Scan on flexq_jobs" not in text, text
+
+
+@pytest.mark.slow
+def test_a_report_of_completed_jobs_finds_them_by_id(
+    conn: psycopg.Connection[tuple[Any, ...]],
+) -> None:
+    """The short report of jobs that completed without a value probes the unique index of ids."""
+    text = plan(conn, pg.REPORT_DONE, {"id": ["j9", "j19"], "owner": "o9", "now": 5.0})
+    assert "flexq_jobs_id_key" in text, text
+    assert "Seq Scan on flexq_jobs" not in text, text

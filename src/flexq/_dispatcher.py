@@ -10,15 +10,16 @@ import anyio
 import structlog
 
 from flexq._backoff import retry_pause
+from flexq._store.base import ClaimRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable
+    from collections.abc import Callable, Collection, Iterable, Mapping
     from collections.abc import Set as AbstractSet
 
     from flexq._fairness import DeficitRoundRobin
     from flexq._models import JobId
     from flexq._runner import Runner
-    from flexq._store.base import Store
+    from flexq._store.base import ClaimedJob, Store
     from flexq._throttle import LoadMonitor
 
 log = structlog.get_logger("flexq")
@@ -88,6 +89,8 @@ class Dispatcher:
         self._suspects = False
         self._isolating = False
         self._reserved: list[JobId] = []
+        self._lent = 0
+        """Workers promised to claims made on enqueue (:meth:`claim_on_enqueue`) in flight."""
 
     def notify(
         self,
@@ -131,13 +134,62 @@ class Dispatcher:
         self._reserved.extend(job_ids)
         self._wake.set()
 
+    def claim_on_enqueue(
+        self, tenants: Collection[str], tasks: Collection[str]
+    ) -> ClaimRequest | None:
+        """The claim to make in the transaction that enqueues ready jobs of ``tenants`` and
+        ``tasks``, if the dispatcher is idle: it would make that claim next, a round trip later.
+
+        None if anything comes first: known ready work, a poll or a job that is due, a suspect,
+        overload, a callout task, no free worker. The caller must hand the outcome to
+        :meth:`enqueue_claimed`, whatever happens.
+        """
+        pool = self._pools[0]
+        now = self._clock()
+        if (
+            self._stopped
+            or pool.fairness
+            or self._reserved
+            or self._isolating
+            or self._suspects
+            or self._monitor.overloaded
+            or now >= self._next_poll
+            or (self._next_run_at is not None and self._next_run_at <= now)
+            or not all(task in pool.tasks for task in tasks)
+            or (free := self._free(pool)) <= 0
+        ):
+            return None
+        pool.fairness.add(tenants)
+        wanted = pool.fairness.allocate(free)
+        self._lent += sum(wanted.values())
+        return ClaimRequest(self._owner, wanted, pool.tasks, now + self._lease)
+
+    def enqueue_claimed(self, claim: ClaimRequest, jobs: list[ClaimedJob] | None) -> None:
+        """Hand the jobs that a :meth:`claim_on_enqueue` claim got to the workers (None: the
+        enqueue failed, and claimed nothing)."""
+        self._lent -= sum(claim.wanted.values())
+        if jobs is not None:
+            claimed_for = self._clock() - (claim.lease_until - self._lease)
+            self._take(self._pools[0], claim.wanted, jobs, anyio.current_time() - claimed_for)
+        self._wake.set()
+
     def stop(self) -> None:
         """Claim nothing more."""
         self._stopped = True
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and hand over jobs until stopped or cancelled."""
+        """Claim and hand over jobs until stopped or cancelled; then wait for the claims made
+        on enqueue that are still in flight to reach the workers."""
+        try:
+            await self._run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                while self._lent:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+
+    async def _run(self) -> None:
         pause = 0.0
         while not self._stopped:
             await self._sleep()
@@ -199,7 +251,9 @@ class Dispatcher:
             await self._claim_for(pool)
 
     def _free(self, pool: _Pool) -> int:
-        return self._runner.callout_free if pool.callout else self._runner.free_slots
+        if pool.callout:
+            return self._runner.callout_free
+        return max(self._runner.free_slots - self._lent, 0)
 
     async def _claim_for(self, pool: _Pool) -> None:
         """Claim jobs of the pool's tasks for its free places, tenant by tenant."""
@@ -217,12 +271,18 @@ class Dispatcher:
                 # The queue began to close while we claimed: the runner releases these.
                 self._runner.submit(jobs, claimed_at=started, callout=pool.callout)
                 return
-            got = collections.Counter(job.tenant for job in jobs)
-            for tenant, count in wanted.items():
-                if got[tenant] < count:
-                    pool.fairness.discard(tenant)
-            jobs.sort(key=lambda job: job.order)
-            self._runner.submit(jobs, claimed_at=started, callout=pool.callout)
+            self._take(pool, wanted, jobs, started)
+
+    def _take(
+        self, pool: _Pool, wanted: Mapping[str, int], jobs: list[ClaimedJob], claimed_at: float
+    ) -> None:
+        """Hand claimed jobs to the pool; tenants that got fewer than wanted have no more."""
+        got = collections.Counter(job.tenant for job in jobs)
+        for tenant, count in wanted.items():
+            if got[tenant] < count:
+                pool.fairness.discard(tenant)
+        jobs.sort(key=lambda job: job.order)
+        self._runner.submit(jobs, claimed_at=claimed_at, callout=pool.callout)
 
     async def _claim_reserved(self) -> None:
         """Claim the jobs :meth:`run_reserved` names, as many as reserved workers are free.

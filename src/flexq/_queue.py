@@ -46,6 +46,7 @@ from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, sc
 from flexq._serialize import dumps
 from flexq._states import Kind, State
 from flexq._store.base import (
+    ClaimsOnEnqueue,
     DependentJob,
     EnqueueResult,
     EnqueuesInTransaction,
@@ -756,16 +757,39 @@ class Queue:
         result = await self._enqueuer.submit(EnqueueUnit(jobs, on_duplicate))
         if isinstance(result, FlexqError):
             raise result
-        if self._dispatcher is not None:
-            now = self._clock()
-            ready = {job.tenant for job in jobs if job.run_at <= now}
-            later = [job.run_at for job in jobs if job.run_at > now]
-            tasks = {job.task for job in jobs}
-            self._dispatcher.notify(ready, min(later) if later else None, tasks=tasks)
         return result
 
     async def _write_units(self, units: list[EnqueueUnit]) -> list[EnqueueResult]:
-        return await self._store.enqueue(units, self._clock())
+        """Write the units of a group commit and tell the dispatcher about their jobs; if it
+        is idle, the store claims them for its workers in the same round trip."""
+        now = self._clock()
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return await self._store.enqueue(units, now)
+        ready = [job for unit in units for job in unit.jobs if job.run_at <= now]
+        claim = None
+        if ready and isinstance(self._store, ClaimsOnEnqueue):
+            claim = dispatcher.claim_on_enqueue(
+                {job.tenant for job in ready}, {job.task for job in ready}
+            )
+        if claim is None:
+            results = await self._store.enqueue(units, now)
+        else:
+            assert isinstance(self._store, ClaimsOnEnqueue)
+            claimed = None
+            try:
+                results, claimed = await self._store.enqueue_and_claim(units, now, claim)
+            finally:
+                dispatcher.enqueue_claimed(claim, claimed)
+        written = [job for unit, result in zip(units, results, strict=True)
+                   if not isinstance(result, FlexqError) for job in unit.jobs]  # fmt: skip
+        later = min((job.run_at for job in written if job.run_at > now), default=None)
+        if claim is None:
+            tenants = {job.tenant for job in written if job.run_at <= now}
+            dispatcher.notify(tenants, later, tasks={job.task for job in written})
+        elif later is not None:  # the claim dealt with the ready jobs' tenants
+            dispatcher.notify(run_at=later)
+        return results
 
     def _resolve(self, task: TaskRef) -> Task[Any]:
         task = getattr(task, "__flexq_task__", task)

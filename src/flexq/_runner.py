@@ -343,7 +343,8 @@ class Runner:
             self._finish(attempt, result, error)
             if scope.cancel_called:
                 return False
-            await anyio.lowlevel.checkpoint()
+            if pool.ready:  # else it parks, which lets others run
+                await anyio.lowlevel.checkpoint()
 
     def _finish(
         self,

@@ -490,6 +490,30 @@ class EnqueuesInTransaction(Protocol):
         """
 
 
+class ClaimRequest(NamedTuple):
+    """A claim to make in the transaction of an enqueue (:class:`ClaimsOnEnqueue`): the
+    arguments of :meth:`Store.claim` but the time, which is the enqueue's."""
+
+    owner: str
+    wanted: Mapping[str, int]
+    tasks: Collection[str]
+    lease_until: float
+
+
+@runtime_checkable
+class ClaimsOnEnqueue(Protocol):
+    """A store that can claim jobs in the same round trip as it enqueues."""
+
+    async def enqueue_and_claim(
+        self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+        """:meth:`Store.enqueue`, then :meth:`Store.claim` of ``claim`` once the jobs are in.
+
+        The jobs are durable when it returns, claimed or not; if it raises, nothing was
+        claimed.
+        """
+
+
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Validate outcomes before any is written; keep the first one of each job.
 

@@ -64,6 +64,7 @@ from flexq._store.base import (
     BatchCounts,
     ChunkDone,
     ClaimedJob,
+    ClaimRequest,
     DependentJob,
     EnqueueResult,
     EnqueueUnit,
@@ -124,10 +125,11 @@ the disk (a fraction of a second later), they are undone, and undoing them is sa
 QUEUED again, or SCHEDULED, or its lease a few seconds shorter). An outcome written later is
 flushed with all the WAL before it, claim included. Enqueues and outcomes wait for the disk."""
 
-_CLAIMED_COLUMNS = (
+_CLAIMED = (
     "j.id, j.task, j.kind, j.tenant, j.priority, j.args, j.kwargs, j.attempts, j.max_attempts,"
-    f" j.timeout, j.parent_id, j.kind_rank, j.seq, {ASYNC_COMMIT}"
+    " j.timeout, j.parent_id, j.kind_rank, j.seq"
 )
+_CLAIMED_COLUMNS = f"{_CLAIMED}, {ASYNC_COMMIT}"
 _TAKE = (
     "state = CASE WHEN j.kind = 'batch' THEN 'PREPARING' ELSE 'PROCESSING' END,"
     " attempts = j.attempts + 1, started_at = %(now)s,"
@@ -162,7 +164,7 @@ VALUES (%(id)s, %(task)s, %(kind)s, %(kind_rank)s, %(tenant)s, %(priority)s, %(s
 """One job: cheaper for the server than unnesting arrays of one element (an idle queue's
 enqueue is a round trip of its latency)."""
 
-CLAIM = (
+_CLAIM = (
     "WITH"
     + _RUNNABLE
     + """,
@@ -193,14 +195,17 @@ UPDATE {s}.flexq_jobs AS j SET """
     + """
 WHERE j.seq = ANY (ARRAY(SELECT seq FROM chosen))
 RETURNING """
-    + _CLAIMED_COLUMNS
 )
+CLAIM = _CLAIM + _CLAIMED_COLUMNS
 """Claims for every tenant at once: the best ``n`` of each (tenant, runnable task) pair, read
 off ``flexq_jobs_ready`` and locked (skipping rows other claims hold), then the best ``n`` of
 each tenant among those.
 
 Here and below, updates find their rows with ``= ANY (array)``: joined to a CTE or a VALUES
 list instead, the planner may guess many rows and hash the whole table."""
+
+CLAIM_DURABLE = _CLAIM + _CLAIMED
+""":data:`CLAIM` in the transaction of an enqueue, which must wait for the disk."""
 
 READY_TENANTS = """
 WITH RECURSIVE ready(tenant) AS (
@@ -313,6 +318,14 @@ went through the index of running jobs, which is full of dead entries of the job
 the last vacuum: a report of 5,000 outcomes took seconds. Only running jobs have a
 ``lease_owner`` (every move out of a running state clears it), so the owner alone guards the
 update, and is checked again on the locked row."""
+
+REPORT_DONE = """
+UPDATE {s}.flexq_jobs AS j SET state = 'COMPLETED', finished_at = %(now)s, result = NULL,
+    lease_owner = NULL, lease_until = NULL
+WHERE j.id = ANY(%(id)s::text[]) AND j.lease_owner = %(owner)s
+RETURNING j.id, j.state, j.tenant, j.kind"""
+""":data:`REPORT` of jobs that all completed without a value or a callout (what most reports
+are): the same writes, with only the ids to bind and nothing to join them to."""
 
 RENEW = f"""
 WITH held AS (
@@ -1053,15 +1066,40 @@ class PostgresStore:
         now: float,
         lease_until: float,
     ) -> list[ClaimedJob]:
-        asked = {tenant: count for tenant, count in wanted.items() if count > 0}
-        if not asked or not tasks:
+        params = _claim_params(ClaimRequest(owner, wanted, tasks, lease_until), now)
+        if params is None:
             return []
-        params = {
-            "tasks": sorted(tasks), "tenants": list(asked), "counts": list(asked.values()),
-            "now": now, "owner": owner, "lease_until": lease_until,
-        }  # fmt: skip
         rows = await self._run(self._select, self.sql(CLAIM), params)
         return sorted(map(_claimed, rows), key=_by_order)
+
+    async def enqueue_and_claim(
+        self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+        ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
+        results, rows = await self._run(
+            self._enqueue_and_claim, units, now, self._tell_others(ready), claim
+        )
+        return results, sorted(map(_claimed, rows), key=_by_order)
+
+    def _enqueue_and_claim(
+        self,
+        conn: Connection,
+        units: Sequence[EnqueueUnit],
+        now: float,
+        tell_others: bool,
+        claim: ClaimRequest,
+    ) -> tuple[list[EnqueueResult], list[tuple[Any, ...]]]:
+        params = _claim_params(claim, now)
+        if params is None:
+            return self._enqueue(conn, units, now, tell_others), []
+        if not all(_plain(job) for unit in units for job in unit.jobs):
+            results = self._enqueue(conn, units, now, tell_others)
+            return results, self._select(conn, self.sql(CLAIM), params)
+        # One round trip: the statements of a pipeline up to its sync are one transaction.
+        with conn.pipeline():
+            results = self._enqueue(conn, units, now, tell_others)
+            claimed = conn.execute(self.sql(CLAIM_DURABLE), params)
+        return results, claimed.fetchall()
 
     async def has_suspects(self, tasks: Collection[str]) -> bool:
         rows = await self._read(self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
@@ -1092,26 +1130,18 @@ class PostgresStore:
     ) -> list[JobId]:
         if not outcomes:
             return []
-        params: dict[str, Any] = {
-            "id": [o.job_id for o in outcomes],
-            "state": [str(o.state) for o in outcomes],
-            "result": [o.result for o in outcomes],
-            "error": [o.error for o in outcomes],
-            "run_at": [o.run_at for o in outcomes],
-            "release": [o.release for o in outcomes],
-            "retry": [o.state in (State.QUEUED, State.SCHEDULED) and not o.release
-                      for o in outcomes],
-            "final": [o.state.is_final and not o.release for o in outcomes],
-            "callouts": [o.callouts for o in outcomes],
-            "owner": owner,
-            "now": now,
-        }  # fmt: skip
+        if all(map(_done, outcomes)):
+            sql = self.sql(REPORT_DONE)
+            params: dict[str, Any] = {"id": [o.job_id for o in outcomes], "owner": owner,
+                                      "now": now}  # fmt: skip
+        else:
+            sql, params = self.sql(REPORT), _report_params(owner, outcomes, now)
         later = min(
             (o.run_at for o in outcomes if o.state is State.SCHEDULED and o.run_at is not None),
             default=None,
         )
         if not any(o.state.is_final or o.release for o in outcomes):
-            rows = conn.execute(self.sql(REPORT), params).fetchall()
+            rows = conn.execute(sql, params).fetchall()
             requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
             if tell_others and (requeued or later is not None):
                 self._notify(conn, requeued, later)
@@ -1122,7 +1152,7 @@ class PostgresStore:
         # of their own, after the outcomes' rows are locked: it sees every dependency on them
         # that a concurrent enqueue_dependent committed.
         with conn.pipeline(), conn.transaction():
-            reported = conn.execute(self.sql(REPORT), params)
+            reported = conn.execute(sql, params)
             released = conn.execute(self.sql(RELEASE_EDGES), {"ids": ending})
             rows = reported.fetchall()
             edges = released.fetchall()
@@ -2114,6 +2144,44 @@ def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
         kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9], parent_id=row[10],
         order=(-row[4], row[11], row[12]),
     )  # fmt: skip
+
+
+def _done(outcome: Outcome) -> bool:
+    """Whether :data:`REPORT_DONE` can write the outcome."""
+    return (
+        outcome.state is State.COMPLETED
+        and outcome.result is None
+        and not outcome.release
+        and not outcome.callouts
+    )
+
+
+def _report_params(owner: str, outcomes: Sequence[Outcome], now: float) -> dict[str, Any]:
+    return {
+        "id": [o.job_id for o in outcomes],
+        "state": [str(o.state) for o in outcomes],
+        "result": [o.result for o in outcomes],
+        "error": [o.error for o in outcomes],
+        "run_at": [o.run_at for o in outcomes],
+        "release": [o.release for o in outcomes],
+        "retry": [o.state in (State.QUEUED, State.SCHEDULED) and not o.release
+                  for o in outcomes],
+        "final": [o.state.is_final and not o.release for o in outcomes],
+        "callouts": [o.callouts for o in outcomes],
+        "owner": owner,
+        "now": now,
+    }  # fmt: skip
+
+
+def _claim_params(claim: ClaimRequest, now: float) -> dict[str, Any] | None:
+    """The parameters of :data:`CLAIM`, or None if it would claim nothing."""
+    asked = {tenant: count for tenant, count in claim.wanted.items() if count > 0}
+    if not asked or not claim.tasks:
+        return None
+    return {
+        "tasks": sorted(claim.tasks), "tenants": list(asked), "counts": list(asked.values()),
+        "now": now, "owner": claim.owner, "lease_until": claim.lease_until,
+    }  # fmt: skip
 
 
 def _by_order(job: ClaimedJob) -> tuple[int, int, int]:
