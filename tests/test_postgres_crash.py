@@ -39,6 +39,9 @@ async def test_random_sigkills_of_workers_lose_no_job(store_workers: WorkerProce
     second one of them is SIGKILLed and a new one started. Every job ends COMPLETED, none is
     lost, and only jobs that a killed process held ran more than once."""
     total, workers = 10_000, 8
+    # Longer than the stalls of a loaded 2-core machine, on which a 1 s lease can expire under
+    # a live process and add runs that no kill caused.
+    lease = ("--lease", "3")
     processes = 3 if store_workers.url.startswith("postgresql") else 2
     rng = random.Random(6)
     async with producer(store_workers.url) as (queue, tasks):
@@ -47,7 +50,7 @@ async def test_random_sigkills_of_workers_lose_no_job(store_workers: WorkerProce
             for n in range(total)
         ]
         ids = await queue.enqueue_many(calls)
-        alive = [await store_workers.start(workers=workers) for _ in range(processes)]
+        alive = [await store_workers.start(*lease, workers=workers) for _ in range(processes)]
         kills = 0
         with anyio.fail_after(90):
             while not await all_final(queue, total):
@@ -59,7 +62,7 @@ async def test_random_sigkills_of_workers_lose_no_job(store_workers: WorkerProce
                     await store_workers.kill(victim)
                     assert victim.returncode == -signal.SIGKILL
                     kills += 1
-                    alive.append(await store_workers.start(workers=workers))
+                    alive.append(await store_workers.start(*lease, workers=workers))
         await until(lambda: all_final(queue, total), 30, "every job to be final")
         jobs = await all_jobs(queue)
         runs = await read_runs(store_workers.runs)
