@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from anyio.abc import SocketAttribute
 
+import flexq
 from flexq import State, StoreError
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
@@ -179,6 +180,23 @@ async def running_proxy() -> AsyncIterator[Proxy]:
             group.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def producer_of(url: str, task: str) -> AsyncIterator[flexq.Queue]:
+    """A queue that only enqueues ``task``: it has no dispatcher, so its enqueues never claim
+    in their own transaction, and the claim that a test holds is the workers'."""
+    producer = make_queue(url)
+
+    @producer.task(name=task)
+    async def never(*args: Any) -> None:
+        raise AssertionError("the producer runs nothing")
+
+    await producer.open()
+    try:
+        yield producer
+    finally:
+        await producer.close()
+
+
 def job_row(schema: str, job_id: str) -> tuple[Any, ...]:
     (row,) = sql(
         f'SELECT state, lease_owner IS NOT NULL, attempts FROM "{schema}".flexq_jobs WHERE id = %s',
@@ -200,10 +218,10 @@ async def test_a_claim_whose_backend_is_terminated_is_made_again(
         runs.append(n)
         return n
 
-    async with queue:
+    async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
         faults = holds()
         faults.hold("claim")
-        job_id = await queue.enqueue(probe, 1)
+        job_id = await producer.enqueue("probe", 1)
         blocked = await faults.blocked("claim")
         terminate({blocked.pid})
         faults.release()
@@ -228,10 +246,10 @@ async def test_a_claim_whose_answer_is_lost_is_recovered_not_held_for_ever(
             runs.append(n)
             return n
 
-        async with queue:
+        async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
             faults = holds()
             faults.hold("claim")
-            job_id = await queue.enqueue(probe, 1)
+            job_id = await producer.enqueue("probe", 1)
             blocked = await faults.blocked("claim")
             proxy.cut_answer(blocked.client_port)
             faults.release()
