@@ -9,6 +9,10 @@ small model of the store contract predicts: every state change is in
 :data:`flexq._states.TRANSITIONS`, final jobs never change, a dedup key is held by at most one
 unfinished job of a tenant, and claims follow priority, kind rank and age inside a tenant.
 
+That order matters only when more of a tenant's jobs wait than a claim takes: bursts of jobs
+of one tenant and claims of one or two jobs make that common, so that a store which drops or
+reverses a part of the order fails within a few examples.
+
 Set ``FLEXQ_MODEL_EXAMPLES`` to run more examples than the default.
 """
 
@@ -118,6 +122,40 @@ unit_specs = st.builds(
     jobs=st.lists(job_specs, min_size=1, max_size=3).map(tuple),
     on_duplicate=st.sampled_from(["raise", "return"]),
 )
+
+
+@st.composite
+def bursts(draw: st.DrawFn) -> list[UnitSpec]:
+    """Several jobs of one tenant and one or two tasks, in one unit or one unit each.
+
+    Random units rarely put more jobs of a tenant (and task) in the queue than a claim takes,
+    which is when a claim must choose among them. A burst does: mostly at one priority and
+    kind rank (so that age decides, within a task and across two), some above or below (so
+    that priority and kind rank do), some due earlier or later than now (so that age is not
+    confused with ``run_at``).
+    """
+    tenant = draw(st.sampled_from(TENANTS), label="tenant")
+    tasks = draw(st.lists(st.sampled_from(TASKS), min_size=1, max_size=2, unique=True), "tasks")
+    jobs = draw(
+        st.lists(
+            st.builds(
+                JobSpec,
+                tenant=st.just(tenant),
+                task=st.sampled_from(tasks),
+                kind=st.sampled_from([Kind.QUEUEABLE, Kind.QUEUEABLE, Kind.SCHEDULED, Kind.FUTURE]),
+                priority=st.sampled_from([0, 0, 0, 1, -1]),
+                key=st.none(),
+                delay=st.sampled_from([0.0, 0.0, 0.0, -5.0, 0.5, 3.0]),
+                max_attempts=st.integers(1, 3),
+            ),
+            min_size=3,
+            max_size=8,
+        ),
+        label="jobs",
+    )
+    if draw(st.booleans(), label="one unit"):
+        return [UnitSpec(tuple(jobs), "raise")]
+    return [UnitSpec((job,), "raise") for job in jobs]
 
 
 def _error_json(attempt: int, now: float) -> str:
@@ -358,10 +396,29 @@ class StoreComparison(RuleBasedStateMachine):
 
     # -- enqueue and time -------------------------------------------------------------------
 
-    @initialize(units=st.lists(unit_specs, min_size=1, max_size=3))
-    def first_enqueue(self, units: list[UnitSpec]) -> None:
-        """Every run starts with some jobs."""
-        self.enqueue(units)
+    @initialize(
+        burst=bursts(),
+        units=st.lists(unit_specs, max_size=3),
+        owner=st.sampled_from(OWNERS),
+        count=st.integers(1, 2),
+        lease=st.sampled_from([2.0, 10.0, 60.0]),
+    )
+    def first_enqueue(
+        self, burst: list[UnitSpec], units: list[UnitSpec], owner: str, count: int, lease: float
+    ) -> None:
+        """Every run starts with some jobs, several of them of one tenant, and a claim of one
+        or two of that tenant's jobs.
+
+        Hypothesis leaves some rules out of a run (swarm testing), and many runs are short:
+        this way every run makes a claim choose at least once.
+        """
+        self.enqueue([*burst, *units])
+        self.claim(owner, {burst[0].jobs[0].tenant: count}, ALL_TASKS, lease)
+
+    @rule(burst=bursts())
+    def enqueue_burst(self, burst: list[UnitSpec]) -> None:
+        """Several jobs of one tenant, of one or two tasks, are written at once."""
+        self.enqueue(burst)
 
     @rule(units=st.lists(unit_specs, min_size=1, max_size=3))
     def enqueue(self, units: list[UnitSpec]) -> None:
@@ -465,6 +522,8 @@ class StoreComparison(RuleBasedStateMachine):
         owner=st.sampled_from(OWNERS),
         wanted=st.one_of(
             st.just(dict.fromkeys(TENANTS, 2)),
+            # One or two of a tenant's jobs while more wait: the claim must choose.
+            st.dictionaries(st.sampled_from(TENANTS), st.integers(1, 2), min_size=1),
             st.dictionaries(st.sampled_from((*TENANTS, "nobody")), st.integers(-1, 4)),
         ),
         tasks=st.one_of(st.just(ALL_TASKS), st.frozensets(st.sampled_from((*TASKS, "unknown")))),
@@ -487,6 +546,7 @@ class StoreComparison(RuleBasedStateMachine):
             ready.sort(key=lambda j: (-self.view[j].priority, self.view[j].kind.rank,
                                       self.created[j]))  # fmt: skip
             expected[tenant] = ready[:count]
+            self.count_deciders(ready, count)
         memory_claimed, other_claimed = self.both(
             lambda store: store.claim(owner, wanted, tasks, now, now + lease)
         )
@@ -512,6 +572,47 @@ class StoreComparison(RuleBasedStateMachine):
         for job in memory_claimed:
             assert self.view[job.id].state is State.PROCESSING
             assert self.view[job.id].started_at == timestamp_to_datetime(now)
+
+    def crowded(self) -> list[str]:
+        """The tenants with two or more jobs a claim may take (pauses aside)."""
+        ready = Counter(
+            info.tenant
+            for job_id, info in self.view.items()
+            if info.state is State.QUEUED and not self.is_suspect(job_id)
+        )
+        return sorted(tenant for tenant, n in ready.items() if n >= 2)
+
+    @rule(
+        data=st.data(),
+        owner=st.sampled_from(OWNERS),
+        count=st.integers(1, 2),
+        lease=st.sampled_from([2.0, 10.0, 60.0]),
+    )
+    @precondition(lambda self: bool(self.crowded()))
+    def claim_few(self, data: st.DataObject, owner: str, count: int, lease: float) -> None:
+        """A claim of one or two of a tenant's jobs while more wait takes the best of them."""
+        tenant = data.draw(st.sampled_from(self.crowded()), label="tenant")
+        self.claim(owner, {tenant: count}, ALL_TASKS, lease)
+
+    def count_deciders(self, ready: list[JobId], count: int) -> None:
+        """Tell hypothesis which part of the order chose a tenant's claimed jobs.
+
+        ``ready`` is in claim order. A part decided if ordering without it (or against it)
+        would have claimed other jobs: these events show how often a store that got that part
+        wrong would be caught.
+        """
+        if len(ready) <= count:
+            return
+        chosen = set(ready[:count])
+        view, created = self.view, self.created
+        others = {
+            "priority": lambda j: (view[j].kind.rank, created[j]),
+            "kind rank": lambda j: (-view[j].priority, created[j]),
+            "age": lambda j: (-view[j].priority, view[j].kind.rank, -created[j]),
+        }
+        for part, order in others.items():
+            if set(sorted(ready, key=order)[:count]) != chosen:
+                event(f"claim: {part} decided")
 
     @rule(tasks=st.frozensets(st.sampled_from((*TASKS, "unknown"))))
     def ready_tenants(self, tasks: frozenset[str]) -> None:
