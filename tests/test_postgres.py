@@ -3,6 +3,7 @@ through LISTEN/NOTIFY, reconnection after the server dropped a connection, concu
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -172,6 +173,38 @@ async def test_store_reconnects_after_its_connections_were_terminated(
     for n in range(8):
         await put(pg_store, job(f"c{n}"))
     assert pg_store._pool.backend_pids - pids, "no connection was replaced"
+
+
+def tcp_settings(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+    """Keepalive on, its idle time (s), and the user timeout (ms) of a connection's socket."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+    finally:
+        sock.detach()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("", (1, 10, 30_000)), ("&keepalives_idle=3&tcp_user_timeout=5000", (1, 3, 5_000))],
+)
+async def test_connections_give_up_on_a_silent_server_within_seconds(
+    pg_schema: str, query: str, expected: tuple[int, int, int]
+) -> None:
+    """The store's TCP connections probe an idle server and bound unacknowledged writes, so
+    a server cut off without a word fails their calls (and the lease guard stops the jobs)
+    instead of hanging them for hours; settings in the URL win over flexq's."""
+    store = store_from_url(postgres_url(pg_schema) + query)
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    try:
+        assert await store._run(tcp_settings) == expected
+    finally:
+        await store.close()
 
 
 async def test_a_key_raced_by_two_stores_is_taken_once(pg_schema: str) -> None:
