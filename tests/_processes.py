@@ -87,7 +87,9 @@ async def read_runs(path: Path) -> Runs:
     scheduled: dict[int, float] = {}
     apath = anyio.Path(path)
     text = await apath.read_text() if await apath.exists() else ""
-    for line in text.splitlines():
+    # A line still being written (read while the workers run) is left for the next read.
+    complete = text[: text.rfind("\n") + 1]
+    for line in complete.splitlines():
         match line.split():
             case ["ready", pid]:
                 ready.append(int(pid))
