@@ -143,7 +143,8 @@ class Runner:
         """Attempts handed over and not yet ended."""
         self._leases: dict[JobId, _Attempt] = {}
         """Attempts whose lease this runner holds: not yet ended, or their outcome unwritten."""
-        self._renewal_failed = False
+        self._renewals_failing = anyio.Event()
+        """Set while the last renewal failed: the lease guard watches only then."""
         self._outbox: list[Outcome] = []
         self._outbox_ready = anyio.Event()
         self._report_lock = anyio.Lock()
@@ -211,7 +212,8 @@ class Runner:
 
     def renewed(self, job_ids: list[JobId], since: float) -> None:
         """The leases of ``job_ids`` were renewed by a call that began at ``since``."""
-        self._renewal_failed = False
+        if self._renewals_failing.is_set():
+            self._renewals_failing = anyio.Event()
         until = since + self._lease
         for job_id in job_ids:
             attempt = self._leases.get(job_id)
@@ -220,13 +222,14 @@ class Runner:
 
     def renewal_failed(self) -> None:
         """The last attempt to renew the leases failed."""
-        self._renewal_failed = True
+        self._renewals_failing.set()
 
     async def _guard_leases(self) -> None:
         """Stop the running jobs whose lease may run out before it is renewed."""
         while True:
+            await self._renewals_failing.wait()
             await anyio.sleep(self._lease / LEASE_CHECKS)
-            if not self._renewal_failed:
+            if not self._renewals_failing.is_set():
                 continue
             deadline = anyio.current_time() + 2 * self._lease / LEASE_CHECKS
             expiring = [
