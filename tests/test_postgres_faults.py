@@ -300,6 +300,40 @@ async def test_a_report_whose_connection_breaks_is_written_later(
     assert runs == [7]
 
 
+async def test_while_reports_wait_a_process_holds_at_most_twice_its_workers_jobs(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """Outcomes that cannot be written keep their jobs under this process's lease, so a crash
+    would run them again: the process takes no more jobs once it holds twice its workers'
+    (those running and as many unwritten), and takes the rest once the reports go through."""
+    workers, total = 4, 40
+    queue = make_queue(postgres_url(pg_schema), workers=workers)
+    runs: list[int] = []
+
+    @queue.task(name="probe")
+    async def probe(n: int) -> int:
+        runs.append(n)
+        return n
+
+    async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
+        faults = holds()
+        faults.hold("report")
+        ids = await producer.enqueue_many([flexq.Call("probe", n) for n in range(total)])
+        try:
+            await faults.blocked("report")
+            await anyio.sleep(1.0)  # time enough to run all 40 if nothing held them back
+            (held,) = sql(
+                f'SELECT count(*) FROM "{pg_schema}".flexq_jobs WHERE lease_owner IS NOT NULL'
+            )
+        finally:
+            faults.release()  # else the queue could not close
+        assert len(runs) == 2 * workers
+        assert held == (2 * workers,)
+        infos = [await queue.wait(job_id, timeout=20) for job_id in ids]
+    assert [info.state for info in infos] == [State.COMPLETED] * total
+    assert sorted(runs) == list(range(total))
+
+
 async def test_a_renewal_whose_backend_is_terminated_keeps_the_lease(
     pg_schema: str, holds: Callable[[], Holds]
 ) -> None:

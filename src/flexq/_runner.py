@@ -46,6 +46,8 @@ class _Pool:
     parked: list[anyio.Event] = dataclasses.field(default_factory=list)
     """Its idle worker tasks, each waiting for its event."""
     in_flight: int = 0
+    unwritten: int = 0
+    """Jobs it ran whose outcome is not yet written: their leases are still held."""
     started: int = 0
     """Worker tasks started (the callout pool starts them as jobs come, up to its size)."""
 
@@ -63,6 +65,8 @@ class _Attempt:
     """Why the attempt was stopped from outside: "abort", "shutdown" or "lease"."""
     callouts: int = 0
     """Requests the handler made through ``ctx.http``."""
+    unwritten: bool = False
+    """Its outcome waits to be written."""
 
     def cancel(self, reason: str) -> None:
         if self.stop is None:
@@ -90,7 +94,9 @@ class Runner:
 
     A job's outcome is handed to the reporter and the worker moves on at once; until the
     outcome is written the job stays under this process's lease, so a crash in between re-runs
-    it (at-least-once) and never loses it.
+    it (at-least-once) and never loses it. A pool takes no new job while it has as many
+    unwritten outcomes as places and no free one, so a process never holds more than twice its
+    workers' jobs: the most a crash can make run again.
 
     While renewals fail (the database is away), a running job whose lease would run out is
     stopped before another process may take it over, and released like a job stopped at
@@ -152,8 +158,9 @@ class Runner:
 
     @property
     def free_slots(self) -> int:
-        """Workers that have no job, counting jobs already handed over as taken."""
-        return max(self.workers - self._main.in_flight, 0)
+        """Workers that have no job, counting jobs already handed over as taken, and none
+        while the outcomes not yet written fill the rest of twice the workers."""
+        return _free(self._main, self.workers)
 
     @property
     def reserved_free(self) -> int:
@@ -163,7 +170,7 @@ class Runner:
     @property
     def callout_free(self) -> int:
         """Places in the callout pool that have no job."""
-        return max(self._callouts.size - self._callouts.in_flight, 0)
+        return _free(self._callouts, self._callouts.size)
 
     @property
     def callouts_in_flight(self) -> int:
@@ -246,8 +253,9 @@ class Runner:
         """This runner's leases on these jobs were lost: stop their attempts, drop their
         outcomes."""
         for job_id in job_ids:
-            attempt = self._leases.pop(job_id, None)
+            attempt = self._leases.get(job_id)
             if attempt is not None:
+                self._drop_lease(attempt)
                 attempt.cancel("lease")
             self._batches.discard(job_id)
         lost = set(job_ids)
@@ -364,6 +372,8 @@ class Runner:
             outcome = self._outcome(attempt, result, error, interrupted)
             if attempt.callouts:
                 outcome = outcome._replace(callouts=attempt.callouts)
+            attempt.unwritten = True
+            attempt.pool.unwritten += 1
             self._outbox.append(outcome)
             self._outbox_ready.set()
         self._in_flight -= 1
@@ -466,6 +476,14 @@ class Runner:
 
     # -- reporting --------------------------------------------------------------------------
 
+    def _drop_lease(self, attempt: _Attempt) -> None:
+        """The lease of ``attempt`` is no longer this runner's: its outcome was written, or
+        another process took the job over."""
+        del self._leases[attempt.job.id]
+        if attempt.unwritten:
+            attempt.unwritten = False
+            attempt.pool.unwritten -= 1
+
     async def _report_forever(self) -> None:
         while True:
             await self._outbox_ready.wait()
@@ -493,11 +511,16 @@ class Runner:
                     continue
                 for outcome, holder in zip(batch, holders, strict=True):
                     if holder is not None and self._leases.get(outcome.job_id) is holder:
-                        del self._leases[outcome.job_id]
+                        self._drop_lease(holder)
+                self._on_slot_free()
                 self._on_written([outcome for outcome in batch if outcome.job_id in written])
                 if self._batches and any(o.job_id in self._batches for o in batch):
                     self._batches.difference_update(o.job_id for o in batch)
                     self._on_batch_ended()
+
+
+def _free(pool: _Pool, places: int) -> int:
+    return max(min(places - pool.in_flight, 2 * places - pool.in_flight - pool.unwritten), 0)
 
 
 def _stray_cancellation() -> bool:
