@@ -26,7 +26,8 @@ from .test_batch import _V1_SCHEMA
 if TYPE_CHECKING:
     from pathlib import Path
 
-LATEST = pg_migrations.SCHEMA_VERSION
+PG_LATEST = pg_migrations.SCHEMA_VERSION
+SQLITE_LATEST = sqlite_store.SCHEMA_VERSION
 
 
 def flexq_command(
@@ -96,7 +97,7 @@ def test_migrate_creates_a_sqlite_file_then_does_nothing(tmp_path: Path) -> None
     check = flexq_command("migrate", "--check", url)
     assert (check.returncode, check.stderr) == (3, "")
     assert check.stdout == (
-        f"{path}: no flexq schema, this flexq's is {LATEST}: migrations pending"
+        f"{path}: no flexq schema, this flexq's is {SQLITE_LATEST}: migrations pending"
         " (run flexq migrate)\n"
     )
     assert not path.exists()
@@ -104,13 +105,13 @@ def test_migrate_creates_a_sqlite_file_then_does_nothing(tmp_path: Path) -> None
     first = flexq_command("migrate", url)
     assert (first.returncode, first.stdout, first.stderr) == (
         0,
-        f"{path}: created at version {LATEST}\n",
+        f"{path}: created at version {SQLITE_LATEST}\n",
         "",
     )
     again = flexq_command("migrate", url)
-    assert (again.returncode, again.stdout) == (0, f"{path}: already at version {LATEST}\n")
+    assert (again.returncode, again.stdout) == (0, f"{path}: already at version {SQLITE_LATEST}\n")
     check = flexq_command("migrate", "--check", url)
-    assert (check.returncode, check.stdout) == (0, f"{path}: version {LATEST}, up to date\n")
+    assert (check.returncode, check.stdout) == (0, f"{path}: version {SQLITE_LATEST}, up to date\n")
 
 
 def test_an_old_sqlite_file_is_upgraded(tmp_path: Path) -> None:
@@ -123,11 +124,11 @@ def test_an_old_sqlite_file_is_upgraded(tmp_path: Path) -> None:
 
     check = flexq_command("migrate", "--check", f"sqlite:///{path}")
     assert check.returncode == 3
-    assert f"version 1, this flexq's is {LATEST}" in check.stdout
+    assert f"version 1, this flexq's is {SQLITE_LATEST}" in check.stdout
     migrate = flexq_command("migrate", f"sqlite:///{path}")
     assert migrate.returncode == 0, migrate.stderr
     assert migrate.stdout.splitlines() == [
-        f"{path}: version 1 -> {LATEST}",
+        f"{path}: version 1 -> {SQLITE_LATEST}",
         *(f"  applied {m.version}: {m.description}" for m in sqlite_store._MIGRATIONS),
     ]
     db = sqlite3.connect(path)
@@ -143,7 +144,8 @@ def test_a_newer_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     assert flexq_command("migrate", f"sqlite:///{path}").returncode == 0
     db = sqlite3.connect(path)
-    db.execute("UPDATE flexq_meta SET value = ? WHERE key = 'schema_version'", (str(LATEST + 1),))
+    newer = str(SQLITE_LATEST + 1)
+    db.execute("UPDATE flexq_meta SET value = ? WHERE key = 'schema_version'", (newer,))
     db.execute("DROP INDEX flexq_jobs_holding")  # a migration would create it again
     db.commit()
     db.close()
@@ -153,8 +155,9 @@ def test_a_newer_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
         result = flexq_command(*args, f"sqlite:///{path}")
         assert (result.returncode, result.stdout) == (4, "")
         assert result.stderr == (
-            f"flexq: error: {path} has flexq schema version {LATEST + 1}, newer than this flexq"
-            f" understands ({LATEST}): upgrade flexq\n"
+            f"flexq: error: {path} has flexq schema version {SQLITE_LATEST + 1}, newer than"
+            " this flexq"
+            f" understands ({SQLITE_LATEST}): upgrade flexq\n"
         )
     assert sqlite_file_schema(path) == before
 
@@ -173,23 +176,23 @@ def test_migrate_creates_a_postgres_schema_then_does_nothing(pg_schema: str) -> 
     first = flexq_command("migrate", POSTGRES_DSN, "--schema", pg_schema)
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
-        f"schema '{pg_schema}': created at version {LATEST}",
+        f"schema '{pg_schema}': created at version {PG_LATEST}",
         *(f"  applied {m.version}: {m.description}" for m in pg_migrations.MIGRATIONS),
     ]
     assert pg_versions(pg_schema) == [m.version for m in pg_migrations.MIGRATIONS]
     again = flexq_command("migrate", postgres_url(pg_schema))
     assert (again.returncode, again.stdout) == (
         0,
-        f"schema '{pg_schema}': already at version {LATEST}\n",
+        f"schema '{pg_schema}': already at version {PG_LATEST}\n",
     )
     check = flexq_command("migrate", "--check", postgres_url(pg_schema))
     assert (check.returncode, check.stdout) == (
         0,
-        f"schema '{pg_schema}': version {LATEST}, up to date\n",
+        f"schema '{pg_schema}': version {PG_LATEST}, up to date\n",
     )
 
 
-@pytest.mark.parametrize("version", range(1, LATEST))
+@pytest.mark.parametrize("version", range(1, PG_LATEST))
 def test_an_old_postgres_schema_is_upgraded(pg_schema: str, version: int) -> None:
     """A schema left by an older flexq is reported as behind, then gets exactly the migrations
     it lacks, in order."""
@@ -198,31 +201,31 @@ def test_an_old_postgres_schema_is_upgraded(pg_schema: str, version: int) -> Non
 
     check = flexq_command("migrate", "--check", postgres_url(pg_schema))
     assert check.returncode == 3
-    assert f"version {version}, this flexq's is {LATEST}" in check.stdout
+    assert f"version {version}, this flexq's is {PG_LATEST}" in check.stdout
     migrate = flexq_command("migrate", postgres_url(pg_schema))
     assert migrate.returncode == 0, migrate.stderr
     assert migrate.stdout.splitlines() == [
-        f"schema '{pg_schema}': version {version} -> {LATEST}",
+        f"schema '{pg_schema}': version {version} -> {PG_LATEST}",
         *(
             f"  applied {m.version}: {m.description}"
             for m in pg_migrations.MIGRATIONS
             if m.version > version
         ),
     ]
-    assert pg_versions(pg_schema) == list(range(1, LATEST + 1))
+    assert pg_versions(pg_schema) == list(range(1, PG_LATEST + 1))
 
 
 def test_a_newer_postgres_schema_is_refused_and_left_alone(pg_schema: str) -> None:
     """A schema of a newer flexq: migrate and --check exit 4 and change nothing."""
     old_pg_schema(pg_schema, 1)
-    sql(f"INSERT INTO \"{pg_schema}\".flexq_migrations VALUES (%s, 'future', now())", LATEST + 1)
+    sql(f"INSERT INTO \"{pg_schema}\".flexq_migrations VALUES (%s, 'future', now())", PG_LATEST + 1)
 
     for args in (["migrate"], ["migrate", "--check"]):
         result = flexq_command(*args, postgres_url(pg_schema))
         assert (result.returncode, result.stdout) == (4, "")
         assert "newer than this flexq understands" in result.stderr
         assert result.stderr.count("\n") == 1
-    assert pg_versions(pg_schema) == [1, LATEST + 1]
+    assert pg_versions(pg_schema) == [1, PG_LATEST + 1]
 
 
 def test_processes_that_migrate_at_once_take_turns(pg_schema: str) -> None:
@@ -251,8 +254,8 @@ def test_processes_that_migrate_at_once_take_turns(pg_schema: str) -> None:
     assert [process.returncode for process in processes] == [0] * 4, outputs
     heads = sorted(out.splitlines()[0] for out, _ in outputs)
     assert heads == [
-        *[f"schema '{pg_schema}': already at version {LATEST}"] * 3,
-        f"schema '{pg_schema}': created at version {LATEST}",
+        *[f"schema '{pg_schema}': already at version {PG_LATEST}"] * 3,
+        f"schema '{pg_schema}': created at version {PG_LATEST}",
     ]
     assert pg_versions(pg_schema) == [m.version for m in pg_migrations.MIGRATIONS]
 
@@ -314,7 +317,8 @@ def test_the_url_comes_from_flexq_url_or_is_asked_for(tmp_path: Path) -> None:
     """Without a URL argument, FLEXQ_URL names the store; without either, exit 2 with usage."""
     path = tmp_path / "env.db"
     result = flexq_command("migrate", env={"FLEXQ_URL": f"sqlite:///{path}"})
-    assert (result.returncode, result.stdout) == (0, f"{path}: created at version {LATEST}\n")
+    created_file = f"{path}: created at version {SQLITE_LATEST}\n"
+    assert (result.returncode, result.stdout) == (0, created_file)
     missing = flexq_command("migrate")
     assert missing.returncode == 2
     assert "give the store's URL, or set FLEXQ_URL" in missing.stderr
@@ -378,7 +382,8 @@ async def test_migrate_false_refuses_a_missing_schema_and_creates_nothing(
     queue = make_queue(versioned_url, migrate=False)
     with pytest.raises(flexq.SchemaVersionError, match="run `flexq migrate`") as caught:
         await queue.open()
-    assert (caught.value.found, caught.value.expected) == (0, LATEST)
+    latest = PG_LATEST if versioned_url.startswith("postgresql") else SQLITE_LATEST
+    assert (caught.value.found, caught.value.expected) == (0, latest)
     assert not created(versioned_url)
     result = await anyio.to_thread.run_sync(flexq_command, "migrate", "--check", versioned_url)
     assert result.returncode == 3
@@ -395,7 +400,7 @@ async def test_migrate_false_refuses_an_older_sqlite_file(tmp_path: Path) -> Non
     queue = make_queue(f"sqlite:///{path}", migrate=False)
     with pytest.raises(flexq.SchemaVersionError, match="is at flexq schema version 1") as caught:
         await queue.open()
-    assert (caught.value.found, caught.value.expected) == (1, LATEST)
+    assert (caught.value.found, caught.value.expected) == (1, SQLITE_LATEST)
     assert sqlite_file_schema(path) == before
 
 
@@ -409,7 +414,7 @@ async def test_migrate_false_refuses_an_older_postgres_schema(pg_schema: str) ->
     migrating = make_queue(postgres_url(pg_schema))
     await migrating.open()
     await migrating.close()
-    assert pg_versions(pg_schema) == list(range(1, LATEST + 1))
+    assert pg_versions(pg_schema) == list(range(1, PG_LATEST + 1))
 
 
 async def test_a_newer_schema_is_refused_on_open_with_the_same_error(tmp_path: Path) -> None:
@@ -419,14 +424,15 @@ async def test_a_newer_schema_is_refused_on_open_with_the_same_error(tmp_path: P
         await anyio.to_thread.run_sync(flexq_command, "migrate", f"sqlite:///{path}")
     ).returncode == 0
     db = sqlite3.connect(path)
-    db.execute("UPDATE flexq_meta SET value = ? WHERE key = 'schema_version'", (str(LATEST + 1),))
+    newer = str(SQLITE_LATEST + 1)
+    db.execute("UPDATE flexq_meta SET value = ? WHERE key = 'schema_version'", (newer,))
     db.commit()
     db.close()
     for migrate in (True, False):
         queue = make_queue(f"sqlite:///{path}", migrate=migrate)
         with pytest.raises(flexq.SchemaVersionError, match="upgrade flexq") as caught:
             await queue.open()
-        assert caught.value.found == LATEST + 1
+        assert caught.value.found == SQLITE_LATEST + 1
 
 
 def test_migrate_false_goes_with_a_url() -> None:

@@ -42,6 +42,7 @@ STATEMENTS = {
     "claim": "%candidates AS%",
     "report": "%release, retry, final%",
     "renew": "%SET lease_until = %",
+    "edges": "%INSERT INTO%flexq_dependencies%",
 }
 """How the statement of each moment reads in ``pg_stat_activity``."""
 
@@ -68,11 +69,19 @@ class Holds:
         )
 
     def hold(self, moment: str) -> None:
-        """From now on, the updates of ``moment`` wait."""
-        self._admin.execute(
-            f'CREATE TRIGGER hold_{moment} BEFORE UPDATE ON "{self.schema}".flexq_jobs'
-            f' FOR EACH ROW WHEN ({CONDITIONS[moment]}) EXECUTE FUNCTION "{self.schema}".hold()'
-        )
+        """From now on, the updates of ``moment`` wait (for "edges": the dependencies that
+        new jobs add)."""
+        if moment == "edges":
+            self._admin.execute(
+                f'CREATE TRIGGER hold_edges BEFORE INSERT ON "{self.schema}".flexq_dependencies'
+                f' FOR EACH ROW EXECUTE FUNCTION "{self.schema}".hold()'
+            )
+        else:
+            self._admin.execute(
+                f'CREATE TRIGGER hold_{moment} BEFORE UPDATE ON "{self.schema}".flexq_jobs'
+                f" FOR EACH ROW WHEN ({CONDITIONS[moment]})"
+                f' EXECUTE FUNCTION "{self.schema}".hold()'
+            )
         self._admin.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self._key,))
 
     def release(self) -> None:
@@ -89,7 +98,7 @@ class Holds:
                     " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
                     " AND query LIKE %s AND query LIKE %s",
                     STATEMENTS[moment],
-                    f'%"{self.schema}".flexq_jobs%',
+                    f'%"{self.schema}".flexq_%',
                 )
                 if rows:
                     pid, port = rows[0]
@@ -332,6 +341,60 @@ async def test_while_reports_wait_a_process_holds_at_most_twice_its_workers_jobs
         infos = [await queue.wait(job_id, timeout=20) for job_id in ids]
     assert [info.state for info in infos] == [State.COMPLETED] * total
     assert sorted(runs) == list(range(total))
+
+
+async def test_a_dependant_added_as_its_parent_completes_is_released(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """A dependant is enqueued in the moment its parent completes: the parent's report waits
+    for the enqueue's lock on the parent, then finds that the parent has a dependant now and
+    releases it in the same transaction, so the dependant runs instead of waiting for ever."""
+    queue = make_queue(postgres_url(pg_schema), workers=2)
+    started, go = anyio.Event(), anyio.Event()
+    runs: list[str] = []
+
+    @queue.task(name="parent")
+    async def parent() -> None:
+        started.set()
+        await go.wait()
+
+    @queue.task(name="child")
+    async def child() -> None:
+        runs.append("child")
+
+    children: list[str] = []
+    child_added = anyio.Event()
+
+    async def add_child(parent_id: str) -> None:
+        children.append(await queue.enqueue(child, depends_on=[parent_id]))
+        child_added.set()
+
+    async with queue, anyio.create_task_group() as group:
+        parent_id = await queue.enqueue(parent)
+        await started.wait()
+        faults = holds()
+        faults.hold("edges")
+        try:
+            group.start_soon(add_child, parent_id)
+            await faults.blocked("edges")  # the parent is locked and marked, the edge waits
+            go.set()
+            with anyio.fail_after(10):  # the report of its completion waits for the lock
+                while True:
+                    if sql(
+                        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'flexq'"
+                        " AND wait_event_type = 'Lock' AND query LIKE %s",
+                        f'%"{pg_schema}".flexq_jobs%has_dependants%',
+                    ):
+                        break
+                    await anyio.sleep(0.02)
+        finally:
+            faults.release()
+        parent_info = await queue.wait(parent_id, timeout=10)
+        with anyio.fail_after(10):
+            await child_added.wait()
+        child_info = await queue.wait(children[0], timeout=10)
+    assert (parent_info.state, child_info.state) == (State.COMPLETED, State.COMPLETED)
+    assert runs == ["child"]
 
 
 async def test_a_renewal_whose_backend_is_terminated_keeps_the_lease(

@@ -151,6 +151,11 @@ CREATE TABLE {schema}.flexq_workers (
 )
 """,
     ),
+    Migration(
+        4,
+        "jobs marked when others depend on them, so most reports are one statement",
+        "ALTER TABLE {schema}.flexq_jobs ADD COLUMN has_dependants boolean NOT NULL DEFAULT false",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

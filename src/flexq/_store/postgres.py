@@ -335,9 +335,26 @@ REPORT_DONE = """
 UPDATE {s}.flexq_jobs AS j SET state = 'COMPLETED', finished_at = %(now)s, result = NULL,
     lease_owner = NULL, lease_until = NULL
 WHERE j.id = ANY(%(id)s::text[]) AND j.lease_owner = %(owner)s
-RETURNING j.id, j.state, j.tenant, j.kind"""
-""":data:`REPORT` of jobs that all completed without a value or a callout (what most reports
-are): the same writes, with only the ids to bind and nothing to join them to."""
+    AND NOT j.has_dependants AND j.kind <> 'batch'
+RETURNING j.id"""
+""":data:`REPORT` of jobs that completed without a value or a callout (what most reports are),
+in a statement of its own: the same writes, with only the ids to bind and nothing to join
+them to. It leaves out the jobs whose end has more to settle (batch jobs, and parents of
+other jobs: see :data:`MARK_PARENTS`), which the general report then writes."""
+
+MARK_PARENTS = """
+WITH locked AS (
+    SELECT seq FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE
+)
+UPDATE {s}.flexq_jobs AS j SET has_dependants = true
+WHERE j.seq = ANY (ARRAY(SELECT seq FROM locked))
+RETURNING j.id, j.state"""
+"""Locks the parents of new dependants (in id order) and marks them, returning their states.
+
+A parent cannot end before this transaction commits (with the edges it adds), nor this
+transaction miss that it ended. The mark is on the parent's row: a report that waited for
+this lock rechecks the row as it is now, so :data:`REPORT_DONE` leaves a marked parent to
+the general report, which releases its dependants in its own transaction."""
 
 RENEW = f"""
 WITH held AS (
@@ -1144,12 +1161,27 @@ class PostgresStore:
     ) -> list[JobId]:
         if not outcomes:
             return []
-        if all(map(_done, outcomes)):
-            sql = self.sql(REPORT_DONE)
-            params: dict[str, Any] = {"id": [o.job_id for o in outcomes], "owner": owner,
-                                      "now": now}  # fmt: skip
-        else:
-            sql, params = self.sql(REPORT), _report_params(owner, outcomes, now)
+        if not all(map(_done, outcomes)):
+            return self._report_settling(conn, owner, outcomes, now, tell_others)
+        params = {"id": [o.job_id for o in outcomes], "owner": owner, "now": now}
+        written = [job_id for (job_id,) in conn.execute(self.sql(REPORT_DONE), params)]
+        if len(written) < len(outcomes):  # batch jobs, parents, or leases lost
+            done = set(written)
+            rest = [o for o in outcomes if o.job_id not in done]
+            written += self._report_settling(conn, owner, rest, now, tell_others)
+        return written
+
+    def _report_settling(
+        self,
+        conn: Connection,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        now: float,
+        tell_others: bool,
+    ) -> list[JobId]:
+        """Write any outcomes and, in their transaction, what follows from the jobs that
+        ended (dependants released, holding jobs admitted)."""
+        sql, params = self.sql(REPORT), _report_params(owner, outcomes, now)
         later = min(
             (o.run_at for o in outcomes if o.state is State.SCHEDULED and o.run_at is not None),
             default=None,
@@ -1777,18 +1809,10 @@ class PostgresStore:
     ) -> list[JobId]:
         with conn.transaction():
             self._lock_tenants(conn, {d.job.tenant for d in jobs if d.job.kind is Kind.BATCH})
-            # Shared locks: a parent cannot end (and miss the edges added here) before this
-            # transaction commits, nor this transaction miss that it ended.
             parents = sorted({parent for dependent in jobs for parent in dependent.parents})
             states: dict[JobId, State] = {
                 job_id: State(state)
-                for job_id, state in conn.execute(
-                    self.sql(
-                        "SELECT id, state FROM {s}.flexq_jobs WHERE id = ANY(%s::text[])"
-                        " ORDER BY id FOR SHARE"
-                    ),
-                    (parents,),
-                )
+                for job_id, state in conn.execute(self.sql(MARK_PARENTS), (parents,))
             }
             new: list[NewJob] = []
             new_states: list[State] = []
@@ -1838,6 +1862,16 @@ class PostgresStore:
                     ),
                     ([e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges]),
                 )
+                created = {job.id for job in new}
+                new_parents = sorted({parent for parent, _, _ in edges if parent in created})
+                if new_parents:  # those of the call itself, not marked by MARK_PARENTS
+                    conn.execute(
+                        self.sql(
+                            "UPDATE {s}.flexq_jobs SET has_dependants = true"
+                            " WHERE id = ANY(%s::text[])"
+                        ),
+                        (new_parents,),
+                    )
             if aborted:
                 conn.execute(
                     self.sql(
