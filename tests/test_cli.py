@@ -404,6 +404,43 @@ async def test_migrate_false_refuses_an_older_sqlite_file(tmp_path: Path) -> Non
     assert sqlite_file_schema(path) == before
 
 
+async def test_a_dependant_left_by_an_older_flexq_is_released_after_the_upgrade(
+    pg_schema: str,
+) -> None:
+    """Version 4 marks the jobs that others depend on, and reports of unmarked jobs skip the
+    work of releasing dependants: the migration marks the parents of the dependencies that a
+    version 3 flexq left, so a dependant that waits on such a parent still runs."""
+    old_pg_schema(pg_schema, 3)
+    columns = (
+        "id, task, kind, kind_rank, tenant, priority, state, args, kwargs, max_attempts,"
+        " created_at, run_at"
+    )
+    for job_id, task, state in (("parent", "first", "QUEUED"), ("child", "then", "WAITING")):
+        sql(
+            f'INSERT INTO "{pg_schema}".flexq_jobs ({columns})'
+            " VALUES (%s, %s, 'queueable', 1, 'acme', 0, %s, '[]', '{}', 1, 0, 0)",
+            job_id,
+            task,
+            state,
+        )
+    sql(f"INSERT INTO \"{pg_schema}\".flexq_dependencies VALUES ('parent', 'child', 'abort')")
+    queue = make_queue(postgres_url(pg_schema))
+    ran: list[str] = []
+
+    @queue.task(name="first")
+    async def first() -> None:
+        ran.append("first")
+
+    @queue.task(name="then")
+    async def then() -> None:
+        ran.append("then")
+
+    async with queue:
+        info = await queue.wait("child", timeout=10)
+    assert info.state is flexq.State.COMPLETED
+    assert ran == ["first", "then"]
+
+
 async def test_migrate_false_refuses_an_older_postgres_schema(pg_schema: str) -> None:
     """A queue with migrate=False does not migrate an older schema; a default queue does."""
     old_pg_schema(pg_schema, 1)

@@ -154,7 +154,20 @@ CREATE TABLE {schema}.flexq_workers (
     Migration(
         4,
         "jobs marked when others depend on them, so most reports are one statement",
-        "ALTER TABLE {schema}.flexq_jobs ADD COLUMN has_dependants boolean NOT NULL DEFAULT false",
+        """
+ALTER TABLE {schema}.flexq_jobs ADD COLUMN has_dependants boolean NOT NULL DEFAULT false;
+CREATE FUNCTION {schema}.flexq_mark_parents() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {schema}.flexq_jobs SET has_dependants = true
+    WHERE id IN (SELECT parent_id FROM added) AND NOT has_dependants;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER flexq_mark_parents AFTER INSERT ON {schema}.flexq_dependencies
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.flexq_mark_parents();
+UPDATE {schema}.flexq_jobs SET has_dependants = true
+WHERE id IN (SELECT parent_id FROM {schema}.flexq_dependencies)
+""",
     ),
 )
 
@@ -165,6 +178,18 @@ KEY_CONFLICT = f"(tenant, key) WHERE key IS NOT NULL AND state NOT IN ({_FINAL})
 
 
 def statements(migration: Migration, schema: str) -> list[str]:
-    """The migration's statements for ``schema`` (an identifier already checked)."""
-    sql = migration.sql.replace("{schema}", schema)
-    return [part.strip() for part in sql.split(";") if part.strip()]
+    """The migration's statements for ``schema`` (an identifier already checked): its SQL cut
+    at each semicolon outside ``$$``-quoted function bodies."""
+    found: list[str] = []
+    current = ""
+    for index, part in enumerate(migration.sql.replace("{schema}", schema).split("$$")):
+        if index % 2:  # a function body
+            current += f"$${part}$$"
+            continue
+        first, *rest = part.split(";")
+        current += first
+        for piece in rest:
+            found.append(current)
+            current = piece
+    found.append(current)
+    return [statement.strip() for statement in found if statement.strip()]

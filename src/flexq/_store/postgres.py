@@ -340,21 +340,19 @@ RETURNING j.id"""
 """:data:`REPORT` of jobs that completed without a value or a callout (what most reports are),
 in a statement of its own: the same writes, with only the ids to bind and nothing to join
 them to. It leaves out the jobs whose end has more to settle (batch jobs, and parents of
-other jobs: see :data:`MARK_PARENTS`), which the general report then writes."""
+other jobs: see :data:`LOCK_PARENTS`), which the general report then writes."""
 
-MARK_PARENTS = """
-WITH locked AS (
-    SELECT seq FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE
-)
-UPDATE {s}.flexq_jobs AS j SET has_dependants = true
-WHERE j.seq = ANY (ARRAY(SELECT seq FROM locked))
-RETURNING j.id, j.state"""
-"""Locks the parents of new dependants (in id order) and marks them, returning their states.
+LOCK_PARENTS = """
+SELECT id, state FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE"""
+"""Locks the parents of new dependants (in id order), returning their states.
 
 A parent cannot end before this transaction commits (with the edges it adds), nor this
-transaction miss that it ended. The mark is on the parent's row: a report that waited for
-this lock rechecks the row as it is now, so :data:`REPORT_DONE` leaves a marked parent to
-the general report, which releases its dependants in its own transaction."""
+transaction miss that it ended. The edges mark their parents (``has_dependants``, set by a
+trigger on ``flexq_dependencies``, whoever inserts them) on the parents' rows: a report that
+waited for this lock rechecks the row as it is then, so :data:`REPORT_DONE` leaves a marked
+parent to the general report, which releases its dependants in its own transaction. (A
+shared lock here would let two transactions that add dependants to one parent deadlock when
+their edges mark it.)"""
 
 RENEW = f"""
 WITH held AS (
@@ -1812,7 +1810,7 @@ class PostgresStore:
             parents = sorted({parent for dependent in jobs for parent in dependent.parents})
             states: dict[JobId, State] = {
                 job_id: State(state)
-                for job_id, state in conn.execute(self.sql(MARK_PARENTS), (parents,))
+                for job_id, state in conn.execute(self.sql(LOCK_PARENTS), (parents,))
             }
             new: list[NewJob] = []
             new_states: list[State] = []
@@ -1862,16 +1860,6 @@ class PostgresStore:
                     ),
                     ([e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges]),
                 )
-                created = {job.id for job in new}
-                new_parents = sorted({parent for parent, _, _ in edges if parent in created})
-                if new_parents:  # those of the call itself, not marked by MARK_PARENTS
-                    conn.execute(
-                        self.sql(
-                            "UPDATE {s}.flexq_jobs SET has_dependants = true"
-                            " WHERE id = ANY(%s::text[])"
-                        ),
-                        (new_parents,),
-                    )
             if aborted:
                 conn.execute(
                     self.sql(
