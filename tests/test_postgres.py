@@ -554,11 +554,14 @@ async def test_parents_ended_at_once_in_two_processes_release_their_common_child
             await store.close()
 
 
+@pytest.mark.parametrize("result", [None, "null"], ids=["one-statement", "general"])
 async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
-    pg_schema: str,
+    pg_schema: str, result: str | None
 ) -> None:
     """One store adds dependants of running jobs while another completes those jobs: each
-    dependant either sees its parent ended, or is released by the report that ends it."""
+    dependant either sees its parent ended, or is released by the report that ends it (a
+    report of completions without a value is one statement, which must leave a parent to
+    the general report)."""
     stores = [PostgresStore(POSTGRES_DSN, schema=pg_schema) for _ in range(2)]
     for store in stores:
         await store.open()
@@ -575,7 +578,7 @@ async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
 
         async def end_parents() -> None:
             for parent in parents:
-                await stores[1].report(OWNER, [Outcome(parent, State.COMPLETED, "null")], T0)
+                await stores[1].report(OWNER, [Outcome(parent, State.COMPLETED, result)], T0)
 
         async with anyio.create_task_group() as group:
             group.start_soon(add_children)
@@ -585,6 +588,26 @@ async def test_a_dependant_enqueued_while_its_parent_ends_is_not_left_waiting(
         for store in stores:
             await store.close()
     assert {info.state for info in infos} == {State.QUEUED}
+
+
+async def test_dependants_of_one_parent_enqueued_at_once_all_wait_for_it(pg_schema: str) -> None:
+    """Many transactions add dependants of one parent at once: none fails (they take turns at
+    the parent's lock instead of deadlocking as their dependencies mark it), and the parent's
+    completion releases them all."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema, connections=8)
+    await store.open()
+    try:
+        await put(store, job("p"))
+        assert len(await store.claim_jobs(OWNER, ["p"], {"t"}, T0, T0 + 60)) == 1
+        async with anyio.create_task_group() as group:
+            for n in range(40):
+                child = DependentJob(job(f"c{n}", task="u"), ("p",))
+                group.start_soon(store.enqueue_dependent, [child], T0)
+        await store.report(OWNER, [Outcome("p", State.COMPLETED)], T0)
+        infos = await store.get_many([f"c{n}" for n in range(40)])
+    finally:
+        await store.close()
+    assert [info.state for info in infos] == [State.QUEUED] * 40
 
 
 class _CountingStore(PostgresStore):
