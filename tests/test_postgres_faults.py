@@ -206,6 +206,19 @@ async def producer_of(url: str, task: str) -> AsyncIterator[flexq.Queue]:
         await producer.close()
 
 
+def probe_queue(url: str, **options: Any) -> tuple[flexq.Queue, list[int]]:
+    """A queue whose task "probe" returns its argument, and the arguments it ran with."""
+    queue = make_queue(url, **options)
+    runs: list[int] = []
+
+    @queue.task(name="probe")
+    async def probe(n: int) -> int:
+        runs.append(n)
+        return n
+
+    return queue, runs
+
+
 def job_row(schema: str, job_id: str) -> tuple[Any, ...]:
     (row,) = sql(
         f'SELECT state, lease_owner IS NOT NULL, attempts FROM "{schema}".flexq_jobs WHERE id = %s',
@@ -219,13 +232,7 @@ async def test_a_claim_whose_backend_is_terminated_is_made_again(
 ) -> None:
     """The server ends the connection of a claim while it waits: the claim is rolled back and
     made again, and the job runs once, its first attempt."""
-    queue = make_queue(postgres_url(pg_schema), workers=2)
-    runs: list[int] = []
-
-    @queue.task(name="probe")
-    async def probe(n: int) -> int:
-        runs.append(n)
-        return n
+    queue, runs = probe_queue(postgres_url(pg_schema), workers=2)
 
     async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
         faults = holds()
@@ -247,13 +254,7 @@ async def test_a_claim_whose_answer_is_lost_is_recovered_not_held_for_ever(
     of. The process does not renew that lease, so the job is recovered when it expires and
     runs, once."""
     async with running_proxy() as proxy:
-        queue = make_queue(proxy.url(pg_schema), workers=2, lease=1.0)
-        runs: list[int] = []
-
-        @queue.task(name="probe")
-        async def probe(n: int) -> int:
-            runs.append(n)
-            return n
+        queue, runs = probe_queue(proxy.url(pg_schema), workers=2, lease=1.0)
 
         async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
             faults = holds()
@@ -283,18 +284,12 @@ async def test_a_report_whose_connection_breaks_is_written_later(
     the server, or closed under the client): the report is tried again, and the job ends
     COMPLETED with its result, run once."""
     async with running_proxy() as proxy:
-        queue = make_queue(proxy.url(pg_schema), workers=2)
-        runs: list[int] = []
-
-        @queue.task(name="probe")
-        async def probe(n: int) -> int:
-            runs.append(n)
-            return n
+        queue, runs = probe_queue(proxy.url(pg_schema), workers=2)
 
         async with queue:
             faults = holds()
             faults.hold("report")
-            job_id = await queue.enqueue(probe, 7)
+            job_id = await queue.enqueue("probe", 7)
             blocked = await faults.blocked("report")
             connections = proxy.accepted
             if fault == "terminated":
@@ -316,13 +311,7 @@ async def test_while_reports_wait_a_process_holds_at_most_twice_its_workers_jobs
     would run them again: the process takes no more jobs once it holds twice its workers'
     (those running and as many unwritten), and takes the rest once the reports go through."""
     workers, total = 4, 40
-    queue = make_queue(postgres_url(pg_schema), workers=workers)
-    runs: list[int] = []
-
-    @queue.task(name="probe")
-    async def probe(n: int) -> int:
-        runs.append(n)
-        return n
+    queue, runs = probe_queue(postgres_url(pg_schema), workers=workers)
 
     async with queue, producer_of(postgres_url(pg_schema), "probe") as producer:
         faults = holds()
