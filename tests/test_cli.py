@@ -18,6 +18,7 @@ import pytest
 import flexq
 from flexq._store import _pg_migrations as pg_migrations
 from flexq._store import sqlite as sqlite_store
+from flexq._store._pg_connections import BlockingConnection, run_blocking
 from flexq._store.postgres import PostgresStore
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
@@ -65,7 +66,8 @@ def schema_exists(schema: str) -> bool:
 def old_pg_schema(schema: str, version: int) -> None:
     """A schema as the flexq whose last migration was ``version`` left it."""
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
-        PostgresStore(POSTGRES_DSN, schema=schema)._migrate(conn, target=version)
+        store = PostgresStore(POSTGRES_DSN, schema=schema)
+        run_blocking(store._migrate(BlockingConnection(conn), target=version))
 
 
 def created(url: str) -> bool:

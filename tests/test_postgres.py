@@ -25,6 +25,7 @@ from flexq import (
 from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
+from flexq._store._pg_connections import AsyncConnection, BlockingConnection
 from flexq._store.base import (
     ACTIVE_BATCH_STATES,
     ClaimedJob,
@@ -166,18 +167,19 @@ async def test_store_reconnects_after_its_connections_were_terminated(
     """Idle connections killed by the server are replaced before the next call: nothing fails,
     not even writes (which are never tried twice)."""
     await put(pg_store, job("a"), job("b"))
-    pids = set(pg_store._pool.backend_pids)
+    pids = set(pg_store.backend_pids)
     assert pids
     terminate(pids)
     await anyio.sleep(0.2)  # the server closes them on its own time
     for n in range(8):
         await put(pg_store, job(f"c{n}"))
-    assert pg_store._pool.backend_pids - pids, "no connection was replaced"
+    assert pg_store.backend_pids - pids, "no connection was replaced"
 
 
-def tcp_settings(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+async def tcp_settings(conn: AsyncConnection | BlockingConnection) -> tuple[int, int, int]:
     """Keepalive on, its idle time (s), and the user timeout (ms) of a connection's socket."""
-    sock = socket.socket(fileno=conn.fileno())
+    raw = conn.connection if isinstance(conn, BlockingConnection) else conn
+    sock = socket.socket(fileno=raw.fileno())
     try:
         return (
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
@@ -341,7 +343,7 @@ async def test_jobs_complete_while_the_server_keeps_killing_connections(pg_schem
             listeners = sql(
                 "SELECT pid FROM pg_stat_activity WHERE query = %s", f'LISTEN "flexq_{pg_schema}"'
             )
-            terminate(store._pool.backend_pids | {int(str(pid)) for (pid,) in listeners})
+            terminate(store.backend_pids | {int(str(pid)) for (pid,) in listeners})
         with anyio.fail_after(30):
             infos = [await queue.wait(job_id) for job_id in ids]
     assert [(info.state, info.result) for info in infos] == [

@@ -11,6 +11,7 @@ import pytest
 
 from flexq import State
 from flexq._store import postgres as pg
+from flexq._store._pg_connections import BlockingConnection, run_blocking
 from flexq.abc import JobFilter
 
 from .conftest import POSTGRES_DSN
@@ -54,7 +55,7 @@ def conn() -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A connection to a schema that holds a million jobs, with fresh planner statistics."""
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
         try:
-            STORE._migrate(connection)
+            run_blocking(STORE._migrate(BlockingConnection(connection)))
             connection.execute(STORE.sql(FILL.format(s="{s}", rows=ROWS)))
             connection.execute(STORE.sql(BATCHES.format(s="{s}", rows=ROWS // 20)))
             connection.execute(STORE.sql("ANALYZE {s}.flexq_jobs"))

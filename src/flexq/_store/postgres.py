@@ -29,11 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import re
 import select
 import threading
-import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -41,6 +39,7 @@ import anyio.to_thread
 import psycopg
 import psycopg.conninfo
 import structlog
+from psycopg.pq import TransactionStatus
 
 from flexq._errors import (
     DuplicateJob,
@@ -56,8 +55,20 @@ from flexq._limits import LimitTable
 from flexq._models import JobId, JobInfo, Pause, PauseScope, timestamp_to_datetime
 from flexq._serialize import dumps
 from flexq._states import FINAL_STATES, RUNNING_STATES, Kind, State, check_transition
+from flexq._store._pg_connections import (
+    AsyncConnection,
+    AsyncConnections,
+    BlockingConnection,
+    Conn,
+    Connection,
+    ThreadConnections,
+    fetch_all,
+    fetch_one,
+    on_asyncio,
+    run_blocking,
+)
 from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
-from flexq._store._thread import _Call, _threadsafe
+from flexq._store._thread import _threadsafe
 from flexq._store.base import (
     ACTIVE_BATCH_STATES,
     HOLDING_STEP,
@@ -87,10 +98,9 @@ from flexq._store.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Generator, Mapping, Sequence
+    from collections.abc import Callable, Collection, Coroutine, Generator, Mapping, Sequence
 
 T = TypeVar("T")
-Connection = psycopg.Connection[tuple[Any, ...]]
 
 log = structlog.get_logger("flexq")
 
@@ -99,10 +109,6 @@ _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 MAX_PAYLOAD = 7900
 """NOTIFY payloads must stay under 8000 bytes; a longer list of tenants becomes a poll."""
-
-CONNECT_BACKOFF = (0.05, 1.0)
-"""After a failed attempt to connect, the store waits this long (the first, doubling up to the
-second while attempts fail) before it tries again; calls in between fail at once."""
 
 TCP_DEFAULTS = {
     "keepalives": "1",
@@ -635,107 +641,6 @@ def check_schema(schema: str) -> str:
     return schema
 
 
-class _Connections:
-    """Blocking connections, each on a thread of its own, taking calls off one queue.
-
-    A call is ``fn(connection, *args)``. A thread connects on its first call, and again before
-    a call if its idle connection was closed by the server (a restart, ``pg_terminate_backend``)
-    or after a call broke it: the database going away fails the calls made while it is away
-    (StoreError, which every caller retries) and no more. While the server cannot be reached,
-    the threads together try to connect with backoff (:data:`CONNECT_BACKOFF`).
-    """
-
-    def __init__(self, name: str, size: int, connect: Callable[[], Connection]) -> None:
-        self._name = name
-        self._size = size
-        self._connect = connect
-        self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self.backend_pids: set[int] = set()
-        """The server processes of these connections: their notifications are our own."""
-        self._lock = threading.Lock()
-        self._refused: str | None = None
-        """Why the last attempt to connect failed, until one succeeds."""
-        self._pause = 0.0
-        self._next_attempt = 0.0
-
-    @property
-    def running(self) -> bool:
-        return bool(self._threads)
-
-    def start(self) -> None:
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"{self._name}-{i}", daemon=True)
-            for i in range(self._size)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    async def stop(self) -> None:
-        threads, self._threads = self._threads, []
-        for _ in threads:
-            self._calls.put(None)
-        for thread in threads:
-            await anyio.to_thread.run_sync(thread.join)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        call = _Call(fn, args)
-        self._calls.put(call)
-        with anyio.CancelScope(shield=True):
-            await call.done.wait()
-        if call.error is not None:
-            raise call.error
-        return call.result  # type: ignore[return-value]
-
-    def _serve(self) -> None:
-        conn: Connection | None = None
-        try:
-            while (call := self._calls.get()) is not None:
-                try:
-                    if conn is not None and _dropped(conn):
-                        self.backend_pids.discard(conn.info.backend_pid)
-                        conn.close()
-                        conn = None
-                    if conn is None:
-                        conn = self._open()
-                        self.backend_pids.add(conn.info.backend_pid)
-                    call.result = call.fn(conn, *call.args)
-                except BaseException as exc:
-                    call.error = exc
-                    if conn is not None and (conn.broken or conn.closed):
-                        self.backend_pids.discard(conn.info.backend_pid)
-                        conn.close()
-                        conn = None
-                call.notify()
-        finally:
-            if conn is not None:
-                self.backend_pids.discard(conn.info.backend_pid)
-                conn.close()
-
-    def _open(self) -> Connection:
-        """A new connection, unless attempts failed lately (then OperationalError at once)."""
-        with self._lock:
-            wait = self._next_attempt - time.monotonic()
-            if self._refused is not None and wait > 0:
-                raise psycopg.OperationalError(
-                    f"{self._refused} (the next attempt to connect is in {wait:.2f} s)"
-                )
-        try:
-            conn = self._connect()
-        except psycopg.Error as exc:
-            with self._lock:
-                now = time.monotonic()
-                if now >= self._next_attempt:  # not already pausing after another thread's
-                    low, high = CONNECT_BACKOFF
-                    self._pause = min(max(2 * self._pause, low), high)
-                    self._next_attempt = now + self._pause
-                self._refused = str(exc).strip()
-            raise
-        with self._lock:
-            self._refused, self._pause = None, 0.0
-        return conn
-
-
 class PostgresStore:
     """Jobs in a PostgreSQL database, in tables of their own schema.
 
@@ -767,7 +672,8 @@ class PostgresStore:
         self.migrates_on_open = migrate
         self._sql: dict[str, str] = {}
         self._free_workers: Callable[[], int] | None = None
-        self._pool = _Connections(f"flexq-postgres:{schema}", connections, self._connect)
+        self._connections = connections
+        self._pool: ThreadConnections | AsyncConnections | None = None
         self._limits = LimitTable()
         self._lock_prefix = f"flexq.tenant.{schema}."
 
@@ -776,19 +682,26 @@ class PostgresStore:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _connect(self) -> Connection:
+    def _connect_args(self) -> tuple[str, dict[str, Any]]:
         given = psycopg.conninfo.conninfo_to_dict(self.dsn)
         defaults = {name: value for name, value in TCP_DEFAULTS.items() if name not in given}
-        return psycopg.connect(
-            psycopg.conninfo.make_conninfo(self.dsn, **defaults),
-            autocommit=True,
-            connect_timeout=max(1, round(self.connect_timeout)),
-            application_name="flexq",
+        return psycopg.conninfo.make_conninfo(self.dsn, **defaults), {
+            "autocommit": True,
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "application_name": "flexq",
             # Every statement is prepared at once and planned once: they all bind arrays and
             # values whose plans do not depend on them (the partial indexes say how to run them).
-            prepare_threshold=0,
-            options="-c plan_cache_mode=force_generic_plan",
-        )
+            "prepare_threshold": 0,
+            "options": "-c plan_cache_mode=force_generic_plan",
+        }
+
+    def _connect(self) -> Connection:
+        conninfo, options = self._connect_args()
+        return psycopg.connect(conninfo, **options)
+
+    async def _connect_async(self) -> AsyncConnection:
+        conninfo, options = self._connect_args()
+        return await psycopg.AsyncConnection.connect(conninfo, **options)
 
     def sql(self, template: str) -> str:
         """A statement of this module with this store's schema filled in."""
@@ -797,8 +710,14 @@ class PostgresStore:
             text = self._sql[template] = template.replace("{s}", f'"{self.schema}"')
         return text
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if not self._pool.running:
+    @property
+    def backend_pids(self) -> set[int]:
+        """The server processes of the store's connections (none while it is closed)."""
+        return self._pool.backend_pids if self._pool is not None else set()
+
+    async def _run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """``await fn(connection, *args)`` on a connection of the store's."""
+        if self._pool is None:
             raise FlexqError("the PostgreSQL store is not open")
         try:
             return await self._pool.run(fn, *args)
@@ -816,22 +735,31 @@ class PostgresStore:
                     raise
         return await self._run(self._select, sql, params)
 
-    def _notify(
-        self, conn: Connection, tenants: Collection[str] | None, run_at: float | None
+    async def _notify(
+        self, conn: Conn, tenants: Collection[str] | None, run_at: float | None
     ) -> None:
-        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, run_at)))
+        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, run_at)))
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._pool.running:
+        if self._pool is not None:
             return
-        self._pool.start()
+        if on_asyncio():
+            pool: ThreadConnections | AsyncConnections = AsyncConnections(
+                self._connections, self._connect_async
+            )
+        else:
+            name = f"flexq-postgres:{self.schema}"
+            pool = ThreadConnections(name, self._connections, self._connect)
+        self._pool = pool
+        pool.start()
         try:
             await self._run(self._migrate if self.migrates_on_open else self._check)
         except BaseException:
+            self._pool = None
             with anyio.CancelScope(shield=True):
-                await self._pool.stop()
+                await pool.stop()
             raise
 
     async def schema_status(self) -> SchemaStatus:
@@ -840,48 +768,52 @@ class PostgresStore:
     async def migrate(self) -> SchemaStatus:
         return await self._alone(self._migrate)
 
-    async def _alone(self, fn: Callable[[Connection], T]) -> T:
-        """``fn(connection)`` on a connection of its own, whether the store is open or not."""
+    async def _alone(self, fn: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        """``await fn(connection)`` on a connection of its own, whether the store is open or
+        not."""
 
-        def call() -> T:
+        def blocking() -> T:
             with self._connect() as conn:
-                return fn(conn)
+                return run_blocking(fn(BlockingConnection(conn)))
 
         try:
-            return await anyio.to_thread.run_sync(call)
+            if not on_asyncio():
+                return await anyio.to_thread.run_sync(blocking)
+            async with await self._connect_async() as conn:
+                return await fn(conn)
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
 
-    def _status(self, conn: Connection) -> SchemaStatus:
+    async def _status(self, conn: Conn) -> SchemaStatus:
         schema = f'"{self.schema}"'
-        row = conn.execute("SELECT to_regclass(%s)", (f"{schema}.flexq_migrations",)).fetchone()
+        row = await fetch_one(conn, "SELECT to_regclass(%s)", (f"{schema}.flexq_migrations",))
         version = 0
         if row is not None and row[0] is not None:
-            found = conn.execute(
-                f"SELECT coalesce(max(version), 0) FROM {schema}.flexq_migrations"
-            ).fetchone()
+            found = await fetch_one(
+                conn, f"SELECT coalesce(max(version), 0) FROM {schema}.flexq_migrations"
+            )
             version = found[0] if found else 0
         return SchemaStatus(f"schema {self.schema!r}", version, SCHEMA_VERSION)
 
-    def _check(self, conn: Connection) -> None:
-        status = self._status(conn)
+    async def _check(self, conn: Conn) -> None:
+        status = await self._status(conn)
         if status.version != SCHEMA_VERSION:
             raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
 
-    def _migrate(self, conn: Connection, target: int = SCHEMA_VERSION) -> SchemaStatus:
+    async def _migrate(self, conn: Conn, target: int = SCHEMA_VERSION) -> SchemaStatus:
         """Apply the migrations the schema lacks, up to ``target`` (tests make older schemas),
         in one transaction under an advisory lock: processes that start together take turns,
         and the later ones find the work done."""
         schema = f'"{self.schema}"'
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                          (f"flexq.migrate.{self.schema}",))  # fmt: skip
-            status = self._status(conn)
+            status = await self._status(conn)
             if status.version > SCHEMA_VERSION:
                 raise SchemaVersionError(status.where, status.version, SCHEMA_VERSION)
             if status.version == 0:
-                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-                conn.execute(
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {schema}.flexq_migrations (version integer"
                     " PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL"
                     " DEFAULT now())"
@@ -891,8 +823,8 @@ class PostgresStore:
                 if not status.version < migration.version <= target:
                     continue
                 for statement in statements(migration, schema):
-                    conn.execute(statement)
-                conn.execute(
+                    await conn.execute(statement)
+                await conn.execute(
                     f"INSERT INTO {schema}.flexq_migrations (version, description) VALUES (%s, %s)",
                     (migration.version, migration.description),
                 )
@@ -900,7 +832,9 @@ class PostgresStore:
         return dataclasses.replace(status, applied=tuple(applied))
 
     async def close(self) -> None:
-        await self._pool.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.stop()
 
     async def listen(
         self,
@@ -942,8 +876,8 @@ class PostgresStore:
         ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
         return await self._run(self._enqueue, units, now, self._tell_others(ready))
 
-    def _enqueue(
-        self, conn: Connection, units: Sequence[EnqueueUnit], now: float, tell_others: bool
+    async def _enqueue(
+        self, conn: Conn, units: Sequence[EnqueueUnit], now: float, tell_others: bool
     ) -> list[EnqueueResult]:
         jobs = [job for unit in units for job in unit.jobs]
         tenants = {job.tenant for job in jobs if job.run_at <= now}
@@ -957,32 +891,32 @@ class PostgresStore:
             if notify:
                 sql = f"WITH inserted AS ({sql}) SELECT pg_notify(%(channel)s, %(payload)s)"
                 params.update(channel=self.channel, payload=_payload(tenants, later))
-            conn.execute(sql, params)
+            await conn.execute(sql, params)
             return [[job.id for job in unit.jobs] for unit in units]
         results: list[EnqueueResult] = []
-        with conn.transaction():
-            self._lock_tenants(conn, {job.tenant for job in jobs if job.kind is Kind.BATCH})
+        async with conn.transaction():
+            await self._lock_tenants(conn, {job.tenant for job in jobs if job.kind is Kind.BATCH})
             unkeyed: list[NewJob] = []
             for unit in units:
                 if all(_plain(job) for job in unit.jobs):
                     unkeyed.extend(unit.jobs)
                     results.append([job.id for job in unit.jobs])
                     continue
-                self._insert(conn, unkeyed, now)  # keep creation order: earlier units first
+                await self._insert(conn, unkeyed, now)  # keep creation order: earlier units first
                 unkeyed = []
                 try:
-                    with conn.transaction():
-                        results.append(_run_steps(conn, self._insert_keyed(unit, now)))
+                    async with conn.transaction():
+                        results.append(await _run_steps(conn, self._insert_keyed(unit, now)))
                 except (DuplicateJob, LimitExceeded) as refused:
                     results.append(refused)
-            self._insert(conn, unkeyed, now)
+            await self._insert(conn, unkeyed, now)
             if notify:
-                self._notify(conn, tenants, later)
+                await self._notify(conn, tenants, later)
         return results
 
-    def _insert(self, conn: Connection, jobs: list[NewJob], now: float) -> None:
+    async def _insert(self, conn: Conn, jobs: list[NewJob], now: float) -> None:
         if jobs:
-            conn.execute(self.sql(_INSERT), _insert_params(jobs, now))
+            await conn.execute(self.sql(_INSERT), _insert_params(jobs, now))
 
     def _insert_keyed(
         self, unit: EnqueueUnit, now: float
@@ -1041,45 +975,26 @@ class PostgresStore:
         """
         try:
             if isinstance(connection, psycopg.AsyncConnection):
-                if _idle(connection):
-                    await connection.execute(_BEGIN_IMPLICITLY)
-                return await self._enqueue_in_async(connection, unit, now)
+                return await self._enqueue_in(connection, unit, now)
             if isinstance(connection, psycopg.Connection):
-                return await anyio.to_thread.run_sync(self._enqueue_in_sync, connection, unit, now)
+                blocking = BlockingConnection(connection)
+                return await anyio.to_thread.run_sync(
+                    lambda: run_blocking(self._enqueue_in(blocking, unit, now))
+                )
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
         raise InvalidArguments(
             f"connection must be a psycopg Connection or AsyncConnection, not {connection!r}"
         )
 
-    def _enqueue_in_sync(self, conn: Connection, unit: EnqueueUnit, now: float) -> EnqueueResult:
-        if _idle(conn):
-            conn.execute(_BEGIN_IMPLICITLY)
-        (result,) = self._enqueue(conn, [unit], now, True)
-        return result
-
-    async def _enqueue_in_async(
-        self, conn: psycopg.AsyncConnection[Any], unit: EnqueueUnit, now: float
+    async def _enqueue_in(
+        self, conn: AsyncConnection | BlockingConnection, unit: EnqueueUnit, now: float
     ) -> EnqueueResult:
-        tenants = {job.tenant for job in unit.jobs if job.run_at <= now}
-        later = min((job.run_at for job in unit.jobs if job.run_at > now), default=None)
-        notify = ("SELECT pg_notify(%s, %s)", (self.channel, _payload(tenants, later)))
-        if all(_plain(job) for job in unit.jobs):
-            async with conn.transaction():
-                await conn.execute(self.sql(_INSERT), _insert_params(unit.jobs, now))
-                await conn.execute(*notify)
-            return [job.id for job in unit.jobs]
-        batch_tenants = sorted({job.tenant for job in unit.jobs if job.kind is Kind.BATCH})
-        try:
-            async with conn.transaction():
-                if batch_tenants:
-                    params = {"prefix": self._lock_prefix, "tenants": batch_tenants}
-                    await conn.execute(self.sql(LOCK_TENANTS), params)
-                ids = await _run_steps_async(conn, self._insert_keyed(unit, now))
-                await conn.execute(*notify)
-        except (DuplicateJob, LimitExceeded) as refused:
-            return refused
-        return ids
+        raw = conn.connection if isinstance(conn, BlockingConnection) else conn
+        if not raw.autocommit and raw.info.transaction_status == TransactionStatus.IDLE:
+            await conn.execute(_BEGIN_IMPLICITLY)
+        (result,) = await self._enqueue(conn, [unit], now, True)
+        return result
 
     # -- dispatching ------------------------------------------------------------------------
 
@@ -1110,9 +1025,9 @@ class PostgresStore:
         )
         return results, sorted(map(_claimed, rows), key=_by_order)
 
-    def _enqueue_and_claim(
+    async def _enqueue_and_claim(
         self,
-        conn: Connection,
+        conn: Conn,
         units: Sequence[EnqueueUnit],
         now: float,
         tell_others: bool,
@@ -1120,15 +1035,15 @@ class PostgresStore:
     ) -> tuple[list[EnqueueResult], list[tuple[Any, ...]]]:
         params = _claim_params(claim, now)
         if params is None:
-            return self._enqueue(conn, units, now, tell_others), []
+            return await self._enqueue(conn, units, now, tell_others), []
         if not all(_plain(job) for unit in units for job in unit.jobs):
-            results = self._enqueue(conn, units, now, tell_others)
-            return results, self._select(conn, self.sql(CLAIM), params)
+            results = await self._enqueue(conn, units, now, tell_others)
+            return results, await self._select(conn, self.sql(CLAIM), params)
         # One round trip: the statements of a pipeline up to its sync are one transaction.
-        with conn.pipeline():
-            results = self._enqueue(conn, units, now, tell_others)
-            claimed = conn.execute(self.sql(CLAIM_DURABLE), params)
-        return results, claimed.fetchall()
+        async with conn.pipeline():
+            results = await self._enqueue(conn, units, now, tell_others)
+            claimed = await conn.execute(self.sql(CLAIM_DURABLE), params)
+        return results, await claimed.fetchall()
 
     async def has_suspects(self, tasks: Collection[str]) -> bool:
         rows = await self._read(self.sql(HAS_SUSPECTS), {"tasks": sorted(tasks)})
@@ -1149,9 +1064,9 @@ class PostgresStore:
         tell_others = released or self._tell_others(retries)
         return await self._run(self._report, owner, checked, now, tell_others)
 
-    def _report(
+    async def _report(
         self,
-        conn: Connection,
+        conn: Conn,
         owner: str,
         outcomes: Sequence[Outcome],
         now: float,
@@ -1160,18 +1075,18 @@ class PostgresStore:
         if not outcomes:
             return []
         if not all(map(_done, outcomes)):
-            return self._report_settling(conn, owner, outcomes, now, tell_others)
+            return await self._report_settling(conn, owner, outcomes, now, tell_others)
         params = {"id": [o.job_id for o in outcomes], "owner": owner, "now": now}
-        written = [job_id for (job_id,) in conn.execute(self.sql(REPORT_DONE), params)]
+        written = [job_id for (job_id,) in await fetch_all(conn, self.sql(REPORT_DONE), params)]
         if len(written) < len(outcomes):  # batch jobs, parents, or leases lost
             done = set(written)
             rest = [o for o in outcomes if o.job_id not in done]
-            written += self._report_settling(conn, owner, rest, now, tell_others)
+            written += await self._report_settling(conn, owner, rest, now, tell_others)
         return written
 
-    def _report_settling(
+    async def _report_settling(
         self,
-        conn: Connection,
+        conn: Conn,
         owner: str,
         outcomes: Sequence[Outcome],
         now: float,
@@ -1185,28 +1100,28 @@ class PostgresStore:
             default=None,
         )
         if not any(o.state.is_final or o.release for o in outcomes):
-            rows = conn.execute(sql, params).fetchall()
+            rows = await fetch_all(conn, sql, params)
             requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
             if tell_others and (requeued or later is not None):
-                self._notify(conn, requeued, later)
+                await self._notify(conn, requeued, later)
             return [row[0] for row in rows]
         ending = [o.job_id for o in outcomes if o.state.is_final or o.release]
         # One round trip for BEGIN, the outcomes and the ended jobs' dependencies (most have
         # none), another for what follows and COMMIT. The dependencies are read by a statement
         # of their own, after the outcomes' rows are locked: it sees every dependency on them
         # that a concurrent enqueue_dependent committed.
-        with conn.pipeline(), conn.transaction():
-            reported = conn.execute(sql, params)
-            released = conn.execute(self.sql(RELEASE_EDGES), {"ids": ending})
-            rows = reported.fetchall()
-            edges = released.fetchall()
+        async with conn.pipeline(), conn.transaction():
+            reported = await conn.execute(sql, params)
+            released = await conn.execute(self.sql(RELEASE_EDGES), {"ids": ending})
+            rows = await reported.fetchall()
+            edges = await released.fetchall()
             requeued = {tenant for _, state, tenant, _ in rows if state == State.QUEUED}
             ended = [job_id for job_id, state, _, _ in rows if State(state).is_final]
             freed = {tenant for _, state, tenant, kind in rows
                      if kind == Kind.BATCH and State(state).is_final}  # fmt: skip
-            requeued |= self._settle(conn, ended, freed, now, edges)
+            requeued |= await self._settle(conn, ended, freed, now, edges)
             if tell_others and (requeued or later is not None):
-                self._notify(conn, requeued, later)
+                await self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
     async def renew(
@@ -1219,10 +1134,10 @@ class PostgresStore:
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         return await self._run(self._recover, now, max_lease_expiries)
 
-    def _recover(self, conn: Connection, now: float, max_lease_expiries: int) -> Recovered:
+    async def _recover(self, conn: Conn, now: float, max_lease_expiries: int) -> Recovered:
         recovered = Recovered(requeued=[], failed=[], aborted=[])
-        with conn.transaction():
-            expired = conn.execute(self.sql(EXPIRED), {"now": now}).fetchall()
+        async with conn.transaction():
+            expired = await fetch_all(conn, self.sql(EXPIRED), {"now": now})
             if not expired:
                 return recovered
             params: dict[str, list[Any]] = {"id": [], "state": [], "error": [], "finished_at": []}
@@ -1242,10 +1157,10 @@ class PostgresStore:
                 bucket.append(job_id)
                 if kind == Kind.BATCH and target.is_final:
                     freed.add(tenant)
-            conn.execute(self.sql(RECOVER), params)
-            ready = self._settle(conn, recovered.failed + recovered.aborted, freed, now)
+            await conn.execute(self.sql(RECOVER), params)
+            ready = await self._settle(conn, recovered.failed + recovered.aborted, freed, now)
             if recovered.requeued or ready:
-                self._notify(conn, None, None)
+                await self._notify(conn, None, None)
         return recovered
 
     async def promote(self, now: float) -> tuple[list[str], float | None]:
@@ -1258,30 +1173,32 @@ class PostgresStore:
     async def request_abort(self, job_id: JobId, now: float) -> State:
         return await self._run(self._request_abort, job_id, now)
 
-    def _request_abort(self, conn: Connection, job_id: JobId, now: float) -> State:
-        with conn.transaction():
-            row = conn.execute(
-                self.sql("SELECT kind, tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
-            ).fetchone()
+    async def _request_abort(self, conn: Conn, job_id: JobId, now: float) -> State:
+        async with conn.transaction():
+            row = await fetch_one(
+                conn, self.sql("SELECT kind, tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            )
             if row is None:
                 raise JobNotFound(job_id)
             kind, tenant = row
             if kind == Kind.BATCH:  # before its row: an admission may be waiting for that
-                self._lock_tenants(conn, {tenant})
-            row = conn.execute(
-                self.sql("SELECT state FROM {s}.flexq_jobs WHERE id = %s FOR UPDATE"), (job_id,)
-            ).fetchone()
+                await self._lock_tenants(conn, {tenant})
+            row = await fetch_one(
+                conn,
+                self.sql("SELECT state FROM {s}.flexq_jobs WHERE id = %s FOR UPDATE"),
+                (job_id,),
+            )
             if row is None:
                 raise JobNotFound(job_id)
             state = State(row[0])
             if state in RUNNING_STATES:
-                conn.execute(
+                await conn.execute(
                     self.sql("UPDATE {s}.flexq_jobs SET abort_requested = true WHERE id = %s"),
                     (job_id,),
                 )
                 return state
             check_transition(state, State.ABORTED, job_id)
-            conn.execute(
+            await conn.execute(
                 self.sql(
                     "UPDATE {s}.flexq_jobs SET state = 'ABORTED', abort_requested = true,"
                     " finished_at = %s, position = NULL WHERE id = %s"
@@ -1289,12 +1206,12 @@ class PostgresStore:
                 (now, job_id),
             )
             if state is State.WAITING:
-                conn.execute(
+                await conn.execute(
                     self.sql("DELETE FROM {s}.flexq_dependencies WHERE child_id = %s"), (job_id,)
                 )
             freed = {tenant} if kind == Kind.BATCH and state in ACTIVE_BATCH_STATES else set()
-            if self._settle(conn, [job_id], freed, now):
-                self._notify(conn, None, None)
+            if await self._settle(conn, [job_id], freed, now):
+                await self._notify(conn, None, None)
         return State.ABORTED
 
     async def set_progress(self, owner: str, job_id: JobId, progress: str) -> bool:
@@ -1307,9 +1224,9 @@ class PostgresStore:
     async def set_pause(self, scope: PauseScope, name: str, paused: bool, now: float) -> bool:
         return await self._run(self._set_pause, str(scope), name, paused, now)
 
-    def _set_pause(self, conn: Connection, scope: str, name: str, paused: bool, now: float) -> bool:
+    async def _set_pause(self, conn: Conn, scope: str, name: str, paused: bool, now: float) -> bool:
         if paused:
-            cursor = conn.execute(
+            cursor = await conn.execute(
                 self.sql(
                     "INSERT INTO {s}.flexq_pauses (scope, name, since) VALUES (%s, %s, %s)"
                     " ON CONFLICT DO NOTHING"
@@ -1317,13 +1234,13 @@ class PostgresStore:
                 (scope, name, now),
             )
             return cursor.rowcount > 0
-        with conn.transaction():
-            cursor = conn.execute(
+        async with conn.transaction():
+            cursor = await conn.execute(
                 self.sql("DELETE FROM {s}.flexq_pauses WHERE scope = %s AND name = %s"),
                 (scope, name),
             )
             if cursor.rowcount > 0:
-                self._notify(conn, None, None)
+                await self._notify(conn, None, None)
         return cursor.rowcount > 0
 
     async def pauses(self) -> list[Pause]:
@@ -1339,8 +1256,8 @@ class PostgresStore:
     async def prune(self, finished_before: float, limit: int) -> int:
         return await self._run(self._prune, finished_before, limit)
 
-    def _prune(self, conn: Connection, finished_before: float, limit: int) -> int:
-        row = conn.execute(self.sql(PRUNE), {"before": finished_before, "limit": limit}).fetchone()
+    async def _prune(self, conn: Conn, finished_before: float, limit: int) -> int:
+        row = await fetch_one(conn, self.sql(PRUNE), {"before": finished_before, "limit": limit})
         return int(row[0]) if row else 0
 
     # -- worker processes -------------------------------------------------------------------
@@ -1371,10 +1288,10 @@ class PostgresStore:
     # -- queries ----------------------------------------------------------------------------
 
     @staticmethod
-    def _select(
-        conn: Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    async def _select(
+        conn: Conn, sql: str, params: Sequence[Any] | Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
-        return conn.execute(sql, params).fetchall()
+        return await fetch_all(conn, sql, params)
 
     async def get(self, job_id: JobId) -> JobInfo:
         sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s")
@@ -1408,11 +1325,11 @@ class PostgresStore:
     def set_limits(self, limits: LimitTable) -> None:
         self._limits = limits
 
-    def _lock_tenants(self, conn: Connection, tenants: Collection[str]) -> None:
+    async def _lock_tenants(self, conn: Conn, tenants: Collection[str]) -> None:
         """Hold the tenants' slot and holding-queue locks until the transaction ends."""
         if tenants:
             params = {"prefix": self._lock_prefix, "tenants": sorted(tenants)}
-            conn.execute(self.sql(LOCK_TENANTS), params)
+            await conn.execute(self.sql(LOCK_TENANTS), params)
 
     def _hold_new(
         self, held: Mapping[str, list[JobId]]
@@ -1432,12 +1349,12 @@ class PostgresStore:
         if held:
             yield self.sql(ADMIT), self._admit_params(held)
 
-    def _admit(self, conn: Connection, tenants: Collection[str]) -> set[str]:
+    async def _admit(self, conn: Conn, tenants: Collection[str]) -> set[str]:
         """Admit the (locked) tenants' first HOLDING jobs into their free active slots; return
         the tenants that got some."""
         if not tenants:
             return set()
-        rows = conn.execute(self.sql(ADMIT), self._admit_params(tenants))
+        rows = await fetch_all(conn, self.sql(ADMIT), self._admit_params(tenants))
         return {tenant for (tenant,) in rows}
 
     def _admit_params(self, tenants: Collection[str]) -> dict[str, Any]:
@@ -1445,9 +1362,9 @@ class PostgresStore:
         slots = [self._limits(tenant).max_active_batches for tenant in ordered]
         return {"tenants": ordered, "slots": slots}
 
-    def _settle(
+    async def _settle(
         self,
-        conn: Connection,
+        conn: Conn,
         ended: list[JobId],
         freed: set[str],
         now: float,
@@ -1458,27 +1375,27 @@ class PostgresStore:
         tenants (whose batch jobs ended) and of those. Returns the tenants that got QUEUED
         jobs. ``edges``: the ended jobs' dependencies, if the caller deleted them already
         (:data:`RELEASE_EDGES`)."""
-        held, ready = self._release_dependants(conn, ended, now, edges)
+        held, ready = await self._release_dependants(conn, ended, now, edges)
         tenants = freed | held.keys()
-        self._lock_tenants(conn, tenants)
+        await self._lock_tenants(conn, tenants)
         for tenant in sorted(held):
             params = {"tenant": tenant, "step": HOLDING_STEP, "ids": held[tenant]}
-            conn.execute(self.sql(HOLD), params)
-        return ready | self._admit(conn, tenants)
+            await conn.execute(self.sql(HOLD), params)
+        return ready | await self._admit(conn, tenants)
 
     async def admit(self, now: float) -> list[str]:
         return await self._run(self._admit_all)
 
-    def _admit_all(self, conn: Connection) -> list[str]:
-        rows = conn.execute(self.sql(HOLDING_TENANTS)).fetchall()
+    async def _admit_all(self, conn: Conn) -> list[str]:
+        rows = await fetch_all(conn, self.sql(HOLDING_TENANTS))
         tenants = {t for t, active in rows if active < self._limits(t).max_active_batches}
         if not tenants:
             return []  # the usual case: nothing locked, nothing written
-        with conn.transaction():
-            self._lock_tenants(conn, tenants)
-            admitted = self._admit(conn, tenants)
+        async with conn.transaction():
+            await self._lock_tenants(conn, tenants)
+            admitted = await self._admit(conn, tenants)
             if admitted:
-                self._notify(conn, admitted, None)
+                await self._notify(conn, admitted, None)
         return sorted(admitted)
 
     async def holding_order(self, tenant: str) -> list[JobId]:
@@ -1491,21 +1408,21 @@ class PostgresStore:
     async def reorder(self, job_id: JobId, placement: Placement) -> bool:
         return await self._run(self._reorder, job_id, placement)
 
-    def _reorder(self, conn: Connection, job_id: JobId, placement: Placement) -> bool:
-        with conn.transaction():
-            row = conn.execute(
-                self.sql("SELECT tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
-            ).fetchone()
+    async def _reorder(self, conn: Conn, job_id: JobId, placement: Placement) -> bool:
+        async with conn.transaction():
+            row = await fetch_one(
+                conn, self.sql("SELECT tenant FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            )
             if row is None:
                 raise JobNotFound(job_id)
-            self._lock_tenants(conn, {row[0]})
-            tenant, position = self._holding_row(conn, job_id)
-            low, high = self._bounds(conn, tenant, job_id, placement)
+            await self._lock_tenants(conn, {row[0]})
+            tenant, position = await self._holding_row(conn, job_id)
+            low, high = await self._bounds(conn, tenant, job_id, placement)
             if (low is None or low < position) and (high is None or position < high):
                 return False
             new = _between(low, high)
             if new is None:
-                conn.execute(
+                await conn.execute(
                     self.sql(
                         "WITH ranked AS (SELECT seq, row_number() OVER (ORDER BY position) AS n"
                         " FROM {s}.flexq_jobs WHERE tenant = %s AND state = 'HOLDING')"
@@ -1514,26 +1431,27 @@ class PostgresStore:
                     ),
                     (tenant, HOLDING_STEP),
                 )
-                low, high = self._bounds(conn, tenant, job_id, placement)
+                low, high = await self._bounds(conn, tenant, job_id, placement)
                 new = _between(low, high)
-            conn.execute(
+            await conn.execute(
                 self.sql("UPDATE {s}.flexq_jobs SET position = %s WHERE id = %s"), (new, job_id)
             )
             return True
 
-    def _holding_row(self, conn: Connection, job_id: JobId) -> tuple[str, float]:
-        found = conn.execute(
+    async def _holding_row(self, conn: Conn, job_id: JobId) -> tuple[str, float]:
+        found = await fetch_one(
+            conn,
             self.sql("SELECT tenant, state, position FROM {s}.flexq_jobs WHERE id = %s"),
             (job_id,),
-        ).fetchone()
+        )
         if found is None:
             raise JobNotFound(job_id)
         if found[1] != State.HOLDING:
             raise NotHolding(job_id, found[1])
         return found[0], found[2]
 
-    def _bounds(
-        self, conn: Connection, tenant: str, job_id: JobId, placement: Placement
+    async def _bounds(
+        self, conn: Conn, tenant: str, job_id: JobId, placement: Placement
     ) -> tuple[float | None, float | None]:
         """The positions (of the other HOLDING jobs) between which the job is to go."""
         others = (
@@ -1541,27 +1459,26 @@ class PostgresStore:
             " WHERE tenant = %(tenant)s AND state = 'HOLDING' AND id <> %(id)s"
         )
 
-        def one(sql: str, **params: Any) -> float | None:
-            found = conn.execute(self.sql(sql), {"tenant": tenant, "id": job_id, **params})
-            row = found.fetchone()
+        async def one(sql: str, **params: Any) -> float | None:
+            row = await fetch_one(conn, self.sql(sql), {"tenant": tenant, "id": job_id, **params})
             return None if row is None else float(row[0])
 
         if placement.to == "front":
-            return None, one(others + " ORDER BY position LIMIT 1")
+            return None, await one(others + " ORDER BY position LIMIT 1")
         if placement.to == "end":
-            return one(others + " ORDER BY position DESC LIMIT 1"), None
+            return await one(others + " ORDER BY position DESC LIMIT 1"), None
         if placement.to == "index":
             low = None
             if placement.place > 0:
-                low = one(others + " ORDER BY position LIMIT 1 OFFSET %(skip)s",
+                low = await one(others + " ORDER BY position LIMIT 1 OFFSET %(skip)s",
                           skip=placement.place - 1)  # fmt: skip
                 if low is None:
-                    return one(others + " ORDER BY position DESC LIMIT 1"), None
-                return low, one(others + " AND position > %(low)s ORDER BY position LIMIT 1",
+                    return await one(others + " ORDER BY position DESC LIMIT 1"), None
+                return low, await one(others + " AND position > %(low)s ORDER BY position LIMIT 1",
                                 low=low)  # fmt: skip
-            return None, one(others + " ORDER BY position LIMIT 1")
+            return None, await one(others + " ORDER BY position LIMIT 1")
         other = placement.other or ""
-        other_tenant, anchor = self._holding_row(conn, other)
+        other_tenant, anchor = await self._holding_row(conn, other)
         if other_tenant != tenant:
             raise InvalidArguments(
                 f"job {other!r} is in tenant {other_tenant!r}'s holding queue, not {tenant!r}'s"
@@ -1570,8 +1487,8 @@ class PostgresStore:
             raise InvalidArguments(f"cannot move job {job_id!r} {placement.to} itself")
         if placement.to == "before":
             before = " AND position < %(anchor)s ORDER BY position DESC LIMIT 1"
-            return one(others + before, anchor=anchor), anchor
-        return anchor, one(others + " AND position > %(anchor)s ORDER BY position LIMIT 1",
+            return await one(others + before, anchor=anchor), anchor
+        return anchor, await one(others + " AND position > %(anchor)s ORDER BY position LIMIT 1",
                            anchor=anchor)  # fmt: skip
 
     async def usage(self, tenant: str) -> tuple[int, int]:
@@ -1581,44 +1498,46 @@ class PostgresStore:
     async def wait_facts(self, job_id: JobId) -> WaitFacts:
         return await self._run(self._wait_facts, job_id)
 
-    def _wait_facts(self, conn: Connection, job_id: JobId) -> WaitFacts:
-        with conn.transaction():
-            conn.execute(_ONE_SNAPSHOT)
-            found = conn.execute(
-                self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s"), (job_id,)
-            ).fetchone()
+    async def _wait_facts(self, conn: Conn, job_id: JobId) -> WaitFacts:
+        async with conn.transaction():
+            await conn.execute(_ONE_SNAPSHOT)
+            found = await fetch_one(
+                conn, self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = %s"), (job_id,)
+            )
             if found is None:
                 raise JobNotFound(job_id)
             info = _info(found)
-            usage = conn.execute(self.sql(USAGE), {"tenant": info.tenant}).fetchone()
+            usage = await fetch_one(conn, self.sql(USAGE), {"tenant": info.tenant})
             holding, active = usage or (0, 0)
             position = ready_ahead = tenants_ahead = 0
             if info.state is State.HOLDING:
-                row = conn.execute(
+                row = await fetch_one(
+                    conn,
                     self.sql(
                         "SELECT count(*) FROM {s}.flexq_jobs"
                         " WHERE tenant = %s AND state = 'HOLDING'"
                         " AND position < (SELECT position FROM {s}.flexq_jobs WHERE id = %s)"
                     ),
                     (info.tenant, job_id),
-                ).fetchone()
+                )
                 position = row[0] if row else 0
             if info.state is State.QUEUED:
-                row = conn.execute(
+                row = await fetch_one(
+                    conn,
                     self.sql(
                         "SELECT count(*) FROM {s}.flexq_jobs"
                         " WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = %s"
                         " AND (-priority, kind_rank, seq) < (%s, %s, %s)"
                     ),
                     (info.tenant, -info.priority, info.kind.rank, found[0]),
-                ).fetchone()
+                )
                 ready_ahead = row[0] if row else 0
-                row = conn.execute(self.sql(QUEUED_TENANTS), {"tenant": info.tenant}).fetchone()
+                row = await fetch_one(conn, self.sql(QUEUED_TENANTS), {"tenant": info.tenant})
                 tenants_ahead = row[0] if row else 0
-            pauses = conn.execute(
+            pauses = await fetch_all(conn,
                 self.sql("SELECT scope, name, since FROM {s}.flexq_pauses"
                          " ORDER BY since, scope, name")
-            ).fetchall()  # fmt: skip
+            )  # fmt: skip
         return WaitFacts(
             info=info,
             holding_position=position if info.state is State.HOLDING else None,
@@ -1635,20 +1554,21 @@ class PostgresStore:
     async def begin_batch(self, owner: str, job_id: JobId) -> BatchCounts | None:
         return await self._run(self._begin_batch, owner, job_id)
 
-    def _begin_batch(self, conn: Connection, owner: str, job_id: JobId) -> BatchCounts | None:
-        with conn.transaction():
-            row = conn.execute(
+    async def _begin_batch(self, conn: Conn, owner: str, job_id: JobId) -> BatchCounts | None:
+        async with conn.transaction():
+            row = await fetch_one(
+                conn,
                 self.sql(
                     f"SELECT {_COUNTS} FROM {{s}}.flexq_batches WHERE job_id = %(id)s"
                     f" AND EXISTS (SELECT FROM {{s}}.flexq_jobs WHERE {_HELD} FOR UPDATE)"
                 ),
                 {"id": job_id, "owner": owner},
-            ).fetchone()
+            )
             if row is None:
                 return None
             counts = BatchCounts(row[0], *row[1:])
             if counts.prepared:
-                conn.execute(
+                await conn.execute(
                     self.sql(
                         "UPDATE {s}.flexq_jobs SET state = 'PROCESSING'"
                         " WHERE id = %s AND state = 'PREPARING'"
@@ -1656,7 +1576,9 @@ class PostgresStore:
                     (job_id,),
                 )
                 return counts
-            conn.execute(self.sql("DELETE FROM {s}.flexq_chunks WHERE job_id = %s"), (job_id,))
+            await conn.execute(
+                self.sql("DELETE FROM {s}.flexq_chunks WHERE job_id = %s"), (job_id,)
+            )
         return NO_BATCH_COUNTS
 
     async def add_chunks(
@@ -1696,24 +1618,26 @@ class PostgresStore:
     async def batch_summary(self, job_id: JobId) -> tuple[BatchCounts, list[tuple[int, str]]]:
         return await self._run(self._batch_summary, job_id)
 
-    def _batch_summary(
-        self, conn: Connection, job_id: JobId
+    async def _batch_summary(
+        self, conn: Conn, job_id: JobId
     ) -> tuple[BatchCounts, list[tuple[int, str]]]:
-        with conn.transaction():
-            conn.execute(_ONE_SNAPSHOT)
-            found = conn.execute(
+        async with conn.transaction():
+            await conn.execute(_ONE_SNAPSHOT)
+            found = await fetch_one(
+                conn,
                 self.sql(f"SELECT {_COUNTS} FROM {{s}}.flexq_batches WHERE job_id = %s"),
                 (job_id,),
-            ).fetchone()
+            )
             if found is None:
                 raise JobNotFound(job_id)
-            errors = conn.execute(
+            errors = await fetch_all(
+                conn,
                 self.sql(
                     "SELECT idx, error FROM {s}.flexq_chunks"
                     f" WHERE job_id = %s AND status = {CHUNK_FAILED} ORDER BY idx"
                 ),
                 (job_id,),
-            ).fetchall()
+            )
         return BatchCounts(found[0], *found[1:]), [(idx, error) for idx, error in errors]
 
     # -- schedules --------------------------------------------------------------------------
@@ -1745,12 +1669,12 @@ class PostgresStore:
     ) -> tuple[list[ScheduleRecord], float | None]:
         return await self._run(self._due_schedules, sorted(tasks), now)
 
-    def _due_schedules(
-        self, conn: Connection, tasks: list[str], now: float
+    async def _due_schedules(
+        self, conn: Conn, tasks: list[str], now: float
     ) -> tuple[list[ScheduleRecord], float | None]:
         params = {"now": now, "tasks": tasks}
-        due = conn.execute(self.sql(DUE_SCHEDULES), params).fetchall()
-        later = conn.execute(self.sql(NEXT_SCHEDULE), params).fetchone()
+        due = await fetch_all(conn, self.sql(DUE_SCHEDULES), params)
+        later = await fetch_one(conn, self.sql(NEXT_SCHEDULE), params)
         return [_schedule(row) for row in due], later[0] if later else None
 
     async def fire_schedule(
@@ -1763,9 +1687,9 @@ class PostgresStore:
     ) -> bool:
         return await self._run(self._fire_schedule, name, revision, firing, list(jobs), now)
 
-    def _fire_schedule(
+    async def _fire_schedule(
         self,
-        conn: Connection,
+        conn: Conn,
         name: str,
         revision: int,
         firing: ScheduleFiring,
@@ -1776,10 +1700,10 @@ class PostgresStore:
             firing.next_fire_time, firing.previous_fire_time, len(jobs), firing.last_job_id,
             name, revision,
         )  # fmt: skip
-        with conn.transaction():
-            if conn.execute(self.sql(FIRE_SCHEDULE), values).rowcount == 0:
+        async with conn.transaction():
+            if (await conn.execute(self.sql(FIRE_SCHEDULE), values)).rowcount == 0:
                 return False
-            self._insert(conn, jobs, now)
+            await self._insert(conn, jobs, now)
         return True
 
     async def set_schedule_state(
@@ -1802,15 +1726,15 @@ class PostgresStore:
     async def enqueue_dependent(self, jobs: Sequence[DependentJob], now: float) -> list[JobId]:
         return await self._run(self._enqueue_dependent, list(jobs), now)
 
-    def _enqueue_dependent(
-        self, conn: Connection, jobs: list[DependentJob], now: float
+    async def _enqueue_dependent(
+        self, conn: Conn, jobs: list[DependentJob], now: float
     ) -> list[JobId]:
-        with conn.transaction():
-            self._lock_tenants(conn, {d.job.tenant for d in jobs if d.job.kind is Kind.BATCH})
+        async with conn.transaction():
+            await self._lock_tenants(conn, {d.job.tenant for d in jobs if d.job.kind is Kind.BATCH})
             parents = sorted({parent for dependent in jobs for parent in dependent.parents})
             states: dict[JobId, State] = {
                 job_id: State(state)
-                for job_id, state in conn.execute(self.sql(LOCK_PARENTS), (parents,))
+                for job_id, state in await fetch_all(conn, self.sql(LOCK_PARENTS), (parents,))
             }
             new: list[NewJob] = []
             new_states: list[State] = []
@@ -1846,13 +1770,13 @@ class PostgresStore:
                 new.append(job)
                 new_states.append(state)
                 states[job.id] = state
-            conn.execute(self.sql(_INSERT), _insert_params(new, now, new_states))
+            await conn.execute(self.sql(_INSERT), _insert_params(new, now, new_states))
             batches = [job.id for job in new if job.kind is Kind.BATCH]
             if batches:
-                conn.execute(self.sql(_ADD_BATCHES), (batches,))
-            _run_steps(conn, self._hold_new(held))
+                await conn.execute(self.sql(_ADD_BATCHES), (batches,))
+            await _run_steps(conn, self._hold_new(held))
             if edges:
-                conn.execute(
+                await conn.execute(
                     self.sql(
                         "INSERT INTO {s}.flexq_dependencies (parent_id, child_id,"
                         " on_parent_failure) SELECT * FROM unnest(%s::text[], %s::text[],"
@@ -1861,7 +1785,7 @@ class PostgresStore:
                     ([e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges]),
                 )
             if aborted:
-                conn.execute(
+                await conn.execute(
                     self.sql(
                         "UPDATE {s}.flexq_jobs AS j SET finished_at = %(now)s,"
                         " errors = '[' || v.error || ']'"
@@ -1873,12 +1797,12 @@ class PostgresStore:
             queued = [job for job, state in zip(new, new_states, strict=True)
                       if state is State.QUEUED]  # fmt: skip
             if queued and self._tell_others(len(queued)):
-                self._notify(conn, {job.tenant for job in queued}, None)
+                await self._notify(conn, {job.tenant for job in queued}, None)
         return [dependent.job.id for dependent in jobs]
 
-    def _release_dependants(
+    async def _release_dependants(
         self,
-        conn: Connection,
+        conn: Conn,
         finished: list[JobId],
         now: float,
         edges: list[tuple[Any, ...]] | None,
@@ -1895,7 +1819,7 @@ class PostgresStore:
         ready: set[str] = set()
         while edges or finished:
             if edges is None:
-                edges = conn.execute(self.sql(RELEASE_EDGES), {"ids": finished}).fetchall()
+                edges = await fetch_all(conn, self.sql(RELEASE_EDGES), {"ids": finished})
             if not edges:
                 break
             states = {parent: State(state) for parent, _, _, state in edges}
@@ -1903,7 +1827,7 @@ class PostgresStore:
             children = sorted({child for _, child, _, _ in edges})
             # Locked before their remaining edges are read: of two transactions that end two
             # parents of one child, the second sees the first's deleted edge.
-            conn.execute(
+            await conn.execute(
                 self.sql(
                     "SELECT 1 FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
                 ),
@@ -1915,7 +1839,7 @@ class PostgresStore:
                     failed_parent.setdefault(child, parent)
             if failed_parent:
                 ids = sorted(failed_parent)
-                conn.execute(
+                await conn.execute(
                     self.sql("DELETE FROM {s}.flexq_dependencies WHERE child_id = ANY(%s)"),
                     (ids,),
                 )
@@ -1924,15 +1848,15 @@ class PostgresStore:
                           "error")
                     for c in ids
                 ]  # fmt: skip
-                rows = conn.execute(
-                    self.sql(ABORT_WAITING), {"id": ids, "error": errors, "now": now}
-                ).fetchall()
+                rows = await fetch_all(
+                    conn, self.sql(ABORT_WAITING), {"id": ids, "error": errors, "now": now}
+                )
                 finished += [job_id for (job_id,) in rows]
             released = [child for child in children if child not in failed_parent]
             if released:
-                rows = conn.execute(
-                    self.sql(RELEASE_WAITING), {"ids": released, "now": now}
-                ).fetchall()
+                rows = await fetch_all(
+                    conn, self.sql(RELEASE_WAITING), {"ids": released, "now": now}
+                )
                 for job_id, tenant, kind, state in sorted(rows):
                     if kind == Kind.BATCH:
                         held.setdefault(tenant, []).append(job_id)
@@ -1944,19 +1868,20 @@ class PostgresStore:
     async def waiting_for(self, job_id: JobId) -> list[JobId]:
         return await self._run(self._waiting_for, job_id)
 
-    def _waiting_for(self, conn: Connection, job_id: JobId) -> list[JobId]:
-        with conn.transaction():
-            if not conn.execute(
-                self.sql("SELECT 1 FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
-            ).fetchone():
+    async def _waiting_for(self, conn: Conn, job_id: JobId) -> list[JobId]:
+        async with conn.transaction():
+            if not await fetch_one(
+                conn, self.sql("SELECT 1 FROM {s}.flexq_jobs WHERE id = %s"), (job_id,)
+            ):
                 raise JobNotFound(job_id)
-            rows = conn.execute(
+            rows = await fetch_all(
+                conn,
                 self.sql(
                     "SELECT parent_id FROM {s}.flexq_dependencies WHERE child_id = %s"
                     " ORDER BY parent_id"
                 ),
                 (job_id,),
-            ).fetchall()
+            )
         return [parent_id for (parent_id,) in rows]
 
     async def claim_jobs(
@@ -2051,7 +1976,7 @@ class _Listener:
                     conn.execute("SELECT 1")  # a dead peer shows up here
                     continue
                 for note in conn.notifies(timeout=0.0):
-                    if note.pid not in store._pool.backend_pids:
+                    if note.pid not in store.backend_pids:
                         self._post(*_parse_payload(note.payload))
 
 
@@ -2061,29 +1986,12 @@ begins one (psycopg sends BEGIN first): the jobs then join it, and psycopg's tra
 blocks inside it are savepoints, not transactions of their own that commit at once."""
 
 
-def _idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """Whether the application's connection would commit our writes on its own at once if we
-    used a transaction block now (it is not in autocommit mode, and no transaction is open)."""
-    status = conn.info.transaction_status
-    return not conn.autocommit and status == psycopg.pq.TransactionStatus.IDLE
-
-
 def _inserted_or_duplicate(job: NewJob, unit: EnqueueUnit, row: tuple[Any, ...]) -> JobId:
     """The id a keyed insert gave: the job's, or the holder's (or raise DuplicateJob)."""
     job_id, inserted = row
     if not inserted and unit.on_duplicate == "raise":
         raise DuplicateJob(job.tenant, job.key or "", job_id)
     return job_id  # type: ignore[no-any-return]
-
-
-def _dropped(conn: Connection) -> bool:
-    """Whether the server sent something to an idle connection. It does so when it closes the
-    connection (a FATAL error, then end of file); the rare other messages (a notice, a changed
-    parameter) cost a needless reconnection, which is harmless."""
-    if conn.closed or conn.broken:
-        return True
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return bool(readable)
 
 
 def _payload(tenants: Collection[str] | None, run_at: float | None) -> str:
@@ -2101,23 +2009,8 @@ def _parse_payload(payload: str) -> tuple[list[str] | None, float | None]:
         return None, None
 
 
-def _run_steps(conn: Connection, steps: Generator[tuple[str, Any], tuple[Any, ...] | None, T]) -> T:
+async def _run_steps(conn: Conn, steps: Generator[tuple[str, Any], tuple[Any, ...] | None, T]) -> T:
     """Run statements one after the other, each given the first row of the one before."""
-    row: tuple[Any, ...] | None = None
-    try:
-        while True:
-            sql, params = steps.send(row)
-            cursor = conn.execute(sql, params)
-            row = cursor.fetchone() if cursor.description else None
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-async def _run_steps_async(
-    conn: psycopg.AsyncConnection[Any],
-    steps: Generator[tuple[str, Any], tuple[Any, ...] | None, T],
-) -> T:
-    """:func:`_run_steps` on the application's asyncio connection."""
     row: tuple[Any, ...] | None = None
     try:
         while True:
