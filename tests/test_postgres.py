@@ -3,7 +3,9 @@ through LISTEN/NOTIFY, reconnection after the server dropped a connection, concu
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,7 +27,7 @@ from flexq import (
 from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
-from flexq._store._pg_connections import AsyncConnection, BlockingConnection
+from flexq._store._pg_connections import AsyncConnection, BlockingConnection, run_blocking
 from flexq._store.base import (
     ACTIVE_BATCH_STATES,
     ClaimedJob,
@@ -688,3 +690,20 @@ async def test_the_claim_made_on_enqueue_leaves_the_commit_synchronous(
         setting = conn.execute("SELECT current_setting('synchronous_commit')")
     assert [row[0] for row in claimed.fetchall()] == ["j1"]
     assert setting.fetchall() == [("on",)]
+
+
+async def test_the_store_runs_on_the_event_loop_under_asyncio_and_on_threads_under_trio(
+    pg_store: PostgresStore, anyio_backend_name: str
+) -> None:
+    """Under asyncio the store's connections are psycopg async connections on the event loop
+    (no thread of its own); under trio, blocking connections on threads of the store's."""
+    await put(pg_store, job("a"))
+    threads = [t for t in threading.enumerate() if t.name.startswith("flexq-postgres:")]
+    assert bool(threads) == (anyio_backend_name == "trio")
+
+
+def test_store_code_that_awaits_anything_but_its_connection_is_refused_on_a_thread() -> None:
+    """SQL code run on a thread's blocking connection must not suspend: doing so is a bug
+    that raises, instead of leaving the transaction half run."""
+    with pytest.raises(RuntimeError, match="awaited something other"):
+        run_blocking(asyncio.sleep(0))

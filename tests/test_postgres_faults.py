@@ -23,10 +23,12 @@ from anyio.abc import SocketAttribute
 
 import flexq
 from flexq import State, StoreError
+from flexq._store.base import Outcome
 from flexq._store.postgres import PostgresStore
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
 from .test_postgres import sql, terminate
+from .test_store_conformance import OWNER, T0, TASKS, job, put
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -517,3 +519,73 @@ async def test_connection_attempts_back_off_while_the_server_is_unreachable(
                     await anyio.sleep(0.05)
         finally:
             await queue.close()
+
+
+async def claimed_job(store: PostgresStore, job_id: str) -> None:
+    """Enqueue a job and claim it for :data:`OWNER`."""
+    await put(store, job(job_id))
+    assert [c.id for c in await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 60)] == [job_id]
+
+
+async def test_a_store_call_whose_caller_is_cancelled_runs_to_its_end(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """Cancelling the caller of a transaction under way does not abandon it half done: the
+    caller returns once the transaction has ended, and its writes are there."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        await claimed_job(store, "a")
+        faults = holds()
+        faults.hold("report")
+        caller = anyio.CancelScope()
+        returned = anyio.Event()
+
+        async def report() -> None:
+            with caller:
+                await store.report(OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1)
+            returned.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(report)
+            await faults.blocked("report")
+            caller.cancel()
+            await anyio.sleep(0.2)
+            assert not returned.is_set(), "the caller left its transaction behind"
+            faults.release()
+        info = await store.get("a")
+        assert (info.state, info.result) == (State.COMPLETED, 1)
+    finally:
+        await store.close()
+
+
+async def test_closing_the_store_waits_for_the_transactions_under_way(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """close() lets a transaction under way end before it closes the connections."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()
+    closed = False
+    try:
+        await claimed_job(store, "a")
+        faults = holds()
+        faults.hold("report")
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                store.report, OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1
+            )
+            await faults.blocked("report")
+
+            async def close() -> None:
+                nonlocal closed
+                await store.close()
+                closed = True
+
+            group.start_soon(close)
+            await anyio.sleep(0.2)
+            assert not closed
+            faults.release()
+        assert closed
+        assert sql(f'SELECT state FROM "{pg_schema}".flexq_jobs') == [("COMPLETED",)]
+    finally:
+        await store.close()
