@@ -1,15 +1,13 @@
 """The PostgreSQL store: many processes on many hosts share one database.
 
-Why blocking psycopg connections on threads, under asyncio too: psycopg's async API needs
-asyncio, so under trio the store must run the sync API on threads anyway. Running that same
-code under asyncio keeps ONE SQL module and one behaviour for both loops. It costs one hop
-between threads per store call, not per statement: every call is one complete transaction
-that runs on a connection's thread (most are a single statement in autocommit mode, so one
-network round trip). The store keeps ``connections``
-threads, each with its own connection, that take calls off one shared queue, so independent
-transactions (an enqueue, a claim, a report) run at the same time. A caller that is cancelled
-waits for its transaction to end: a transaction is never left half done. Handlers never run on
-these threads; they only run SQL.
+Its SQL code is written once, as coroutines that take a connection and await only it
+(:mod:`flexq._store._pg_connections`): under asyncio they run on the event loop with psycopg's
+async connections, under trio (where psycopg's async API does not work) on threads with its
+blocking ones. Every store call is one complete transaction on one connection (most are a
+single statement in autocommit mode, so one network round trip); the store keeps up to
+``connections`` of them, so independent transactions (an enqueue, a claim, a report) run at
+the same time. A caller that is cancelled waits for its transaction to end: a transaction is
+never left half done.
 
 Claims lock rows with ``FOR UPDATE SKIP LOCKED``: processes never wait for each other's claims
 and never claim the same job. Each claim reads the best jobs of each (tenant, task) pair off a
@@ -647,8 +645,9 @@ class PostgresStore:
     Args:
         dsn: a libpq connection string or ``postgresql://`` URL.
         schema: the schema that holds flexq's tables (created if missing).
-        connections: how many connections (each on a thread of its own) run transactions at
-            once; one more connection listens for notifications while workers run.
+        connections: how many connections run transactions at once (under trio, each on a
+            thread of its own); one more connection listens for notifications while workers
+            run.
         connect_timeout: seconds to wait for a connection.
         migrate: create or migrate the schema when the store opens (under an advisory lock);
             if False, open only checks that the schema is at this flexq's version.
