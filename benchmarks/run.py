@@ -12,6 +12,7 @@ import functools
 import gc
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -594,6 +595,9 @@ class PostgresSizes:
     latency_samples: int
     pgqueuer_jobs: int
     procrastinate_jobs: int
+    rounds: int
+    """Rounds of flexq's best run settings and pgqueuer, one after the other, that judge the
+    run-rate targets (the median of their ratios)."""
 
 
 POSTGRES_DEFAULT = PostgresSizes(
@@ -605,6 +609,7 @@ POSTGRES_DEFAULT = PostgresSizes(
     latency_samples=200,
     pgqueuer_jobs=10_000,
     procrastinate_jobs=2_000,
+    rounds=3,
 )
 POSTGRES_QUICK = PostgresSizes(
     run_jobs=10_000,
@@ -615,6 +620,7 @@ POSTGRES_QUICK = PostgresSizes(
     latency_samples=50,
     pgqueuer_jobs=3_000,
     procrastinate_jobs=500,
+    rounds=1,
 )
 PGQUEUER_SETTINGS = (100, 50)
 """pgqueuer as the issue measured it: 100 concurrent tasks, dequeue batches of 50. Larger
@@ -739,14 +745,44 @@ def case_postgres(args: argparse.Namespace, sizes: PostgresSizes, out: Results) 
             value = pgq.idle_p50_ms / p50
             print(f"    {name:<66}{value:>8.2f}x  ({pgq.idle_p50_ms:.2f} vs {p50:.2f} ms)")
             out.add(name, f"{value:.2f}x")
-        for label, ours, theirs, target in (
-            ("run, best 1 process", best_run, pgq.run, 2.0),
-            (f"run, {sizes.processes} processes", many.rate, pgq.run, 2.0),
-            ("enqueue, 100 tasks one by one", best_concurrent, pgq.enqueue, 5.0),
-        ):
-            ratio = ours / theirs
-            out.add(f"postgres {label} / pgqueuer", f"{ratio:.2f}x", f">= {target:g}x",
-                    ratio >= target)  # fmt: skip
+        ratio = best_concurrent / pgq.enqueue
+        out.add("postgres enqueue, 100 tasks one by one / pgqueuer", f"{ratio:.2f}x", ">= 5x",
+                ratio >= 5.0)  # fmt: skip
+        best_backend, best_workers = max(runs, key=runs.__getitem__).split("/")[1:]
+        one, more = _run_rounds(python, sizes, best_backend, int(best_workers))
+        for label, ratios in (("run, best 1 process", one),
+                              (f"run, {sizes.processes} processes", more)):  # fmt: skip
+            ratio = statistics.median(ratios)
+            out.add(f"postgres {label} / pgqueuer, median of {len(ratios)} rounds",
+                    f"{ratio:.2f}x", ">= 2x", ratio >= 2.0)  # fmt: skip
+
+
+def _run_rounds(
+    python: Path, sizes: PostgresSizes, backend: str, workers: int
+) -> tuple[list[float], list[float]]:
+    """Rounds of flexq's best 1-process setting, its several processes and pgqueuer, one
+    right after the other, so that each round's ratios compare runs minutes apart at most on a
+    machine whose speed drifts. Returns each round's ratios (1 process, several)."""
+    print(f"\n  run rate in rounds: flexq 1 process ({backend}, {workers} workers),"
+          f" {sizes.processes} processes, pgqueuer; then flexq's over pgqueuer's")  # fmt: skip
+    one: list[float] = []
+    more: list[float] = []
+    for number in range(1, sizes.rounds + 1):
+        alone = _on_postgres(backend, postgres.drain, sizes.run_jobs, workers).rate
+        many = _on_postgres("asyncio", postgres.drain_processes, sizes.run_jobs, workers,
+                            sizes.processes).rate  # fmt: skip
+        concurrency, batch = PGQUEUER_SETTINGS
+        try:
+            pgq = peers.postgres_peer(python, "pgqueuer", sizes.pgqueuer_jobs, concurrency,
+                                      batch, postgres.DSN).run  # fmt: skip
+        except peers.PeerError as exc:
+            print(f"  round {number}: {exc}")
+            continue
+        one.append(alone / pgq)
+        more.append(many / pgq)
+        print(f"  round {number}: {alone:>8,.0f} {many:>8,.0f} {pgq:>8,.0f} jobs/s"
+              f"   {one[-1]:.2f}x {more[-1]:.2f}x", flush=True)  # fmt: skip
+    return one, more
 
 
 def case_hotspots(args: argparse.Namespace, sizes: Sizes, tmp: Path) -> None:
