@@ -164,8 +164,9 @@ def reusable(conn: Connection | AsyncConnection) -> bool:
     return not dropped(conn) and conn.info.transaction_status == TransactionStatus.IDLE
 
 
-class _ConnectGate:
-    """Lets attempts to connect through, except shortly after attempts failed (backoff)."""
+class _Openings:
+    """A pool's attempts to connect, let through except shortly after attempts failed
+    (backoff), and the server processes of the connections it opened."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -173,6 +174,14 @@ class _ConnectGate:
         """Why the last attempt to connect failed, until one succeeds."""
         self._pause = 0.0
         self._next_attempt = 0.0
+        self._backends: dict[int, int] = {}
+        """The server process of each open connection (by the connection's id): read when it
+        opens, as a broken connection no longer knows it."""
+
+    @property
+    def backend_pids(self) -> set[int]:
+        """The server processes of the open connections: their notifications are our own."""
+        return set(self._backends.values())
 
     def check(self) -> None:
         """Raise OperationalError if attempts failed lately and the pause is not over."""
@@ -192,9 +201,13 @@ class _ConnectGate:
                 self._next_attempt = now + self._pause
             self._refused = str(error).strip()
 
-    def succeeded(self) -> None:
+    def opened(self, conn: Connection | AsyncConnection) -> None:
         with self._lock:
             self._refused, self._pause = None, 0.0
+        self._backends[id(conn)] = conn.info.backend_pid
+
+    def closing(self, conn: Connection | AsyncConnection) -> None:
+        self._backends.pop(id(conn), None)
 
 
 class ThreadConnections:
@@ -207,17 +220,14 @@ class ThreadConnections:
         self._name = name
         self._size = size
         self._connect = connect
-        self._gate = _ConnectGate()
+        self._openings = _Openings()
         self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._backends: dict[int, int] = {}
-        """The server process of each open connection (by the connection's id): read when it
-        opens, as a broken connection no longer knows it."""
 
     @property
     def backend_pids(self) -> set[int]:
         """The server processes of these connections: their notifications are our own."""
-        return set(self._backends.values())
+        return self._openings.backend_pids
 
     @property
     def running(self) -> bool:
@@ -241,13 +251,10 @@ class ThreadConnections:
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         if not self._threads:
             raise FlexqError("the PostgreSQL store is not open")
-        call = _Call(fn, args)
+        call: _Call[Any] = _Call(fn, args)  # the thread stores the coroutine's result
         self._calls.put(call)
-        with anyio.CancelScope(shield=True):
-            await call.done.wait()
-        if call.error is not None:
-            raise call.error
-        return call.result  # type: ignore[return-value]
+        result: T = await call.outcome()
+        return result
 
     def _serve(self) -> None:
         conn: BlockingConnection | None = None
@@ -271,18 +278,17 @@ class ThreadConnections:
                 self._close(conn)
 
     def _open(self) -> Connection:
-        self._gate.check()
+        self._openings.check()
         try:
             conn = self._connect()
         except psycopg.Error as exc:
-            self._gate.failed(exc)
+            self._openings.failed(exc)
             raise
-        self._gate.succeeded()
-        self._backends[id(conn)] = conn.info.backend_pid
+        self._openings.opened(conn)
         return conn
 
     def _close(self, conn: BlockingConnection) -> None:
-        self._backends.pop(id(conn.connection), None)
+        self._openings.closing(conn.connection)
         conn.connection.close()
 
 
@@ -293,17 +299,14 @@ class AsyncConnections:
     def __init__(self, size: int, connect: Callable[[], Awaitable[AsyncConnection]]) -> None:
         self._size = size
         self._connect = connect
-        self._gate = _ConnectGate()
+        self._openings = _Openings()
         self._idle: list[AsyncConnection] = []
         self._slots: anyio.Semaphore | None = None
-        self._backends: dict[int, int] = {}
-        """The server process of each open connection (by the connection's id): read when it
-        opens, as a broken connection no longer knows it."""
 
     @property
     def backend_pids(self) -> set[int]:
         """The server processes of these connections: their notifications are our own."""
-        return set(self._backends.values())
+        return self._openings.backend_pids
 
     @property
     def running(self) -> bool:
@@ -354,16 +357,15 @@ class AsyncConnections:
                 self._idle.append(conn)
 
     async def _open(self) -> AsyncConnection:
-        self._gate.check()
+        self._openings.check()
         try:
             conn = await self._connect()
         except psycopg.Error as exc:
-            self._gate.failed(exc)
+            self._openings.failed(exc)
             raise
-        self._gate.succeeded()
-        self._backends[id(conn)] = conn.info.backend_pid
+        self._openings.opened(conn)
         return conn
 
     async def _close(self, conn: AsyncConnection) -> None:
-        self._backends.pop(id(conn), None)
+        self._openings.closing(conn)
         await conn.close()

@@ -33,6 +33,15 @@ class _Call(Generic[T]):
         self.done = anyio.Event()
         self.notify = _threadsafe(self.done.set)
 
+    async def outcome(self) -> T:
+        """Wait for the call to end, even if cancelled meanwhile; return its result or raise
+        its error."""
+        with anyio.CancelScope(shield=True):
+            await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
 
 class DatabaseThread:
     """Runs blocking calls one after another on a dedicated daemon thread."""
@@ -67,11 +76,7 @@ class DatabaseThread:
         """
         call = _Call(fn, args)
         self._calls.put(call)
-        with anyio.CancelScope(shield=True):
-            await call.done.wait()
-        if call.error is not None:
-            raise call.error
-        return call.result  # type: ignore[return-value]
+        return await call.outcome()
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
