@@ -10,6 +10,7 @@ server's side, or a TCP proxy that cuts it on the client's side), and lets go.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import urllib.parse
@@ -22,7 +23,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import flexq
-from flexq import State, StoreError
+from flexq import FlexqError, State, StoreError
 from flexq._store.base import Outcome
 from flexq._store.postgres import PostgresStore
 
@@ -587,5 +588,70 @@ async def test_closing_the_store_waits_for_the_transactions_under_way(
             faults.release()
         assert closed
         assert sql(f'SELECT state FROM "{pg_schema}".flexq_jobs') == [("COMPLETED",)]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_an_asyncio_timeout_around_a_store_call_waits_for_its_transaction(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """asyncio's own cancellation (here ``asyncio.timeout``, which anyio's shields do not
+    stop) of a caller whose transaction is under way: the transaction runs to its end before
+    the caller gets its TimeoutError."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        await claimed_job(store, "a")
+        faults = holds()
+        faults.hold("report")
+
+        async def release_soon() -> None:
+            await faults.blocked("report")
+            await anyio.sleep(0.5)
+            faults.release()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(release_soon)
+            started = anyio.current_time()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await store.report(OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1)
+            assert anyio.current_time() - started >= 0.5, "the caller left its transaction"
+        info = await store.get("a")
+        assert (info.state, info.result) == (State.COMPLETED, 1)
+    finally:
+        await store.close()
+
+
+async def test_calls_waiting_for_a_connection_when_the_store_closes_are_served(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """close() refuses new calls, but a call that already waited for a connection (all of
+    them busy) runs before the connections close."""
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema, connections=1)
+    await store.open()
+    try:
+        await claimed_job(store, "a")
+        faults = holds()
+        faults.hold("report")
+        results: list[object] = []
+
+        async def read() -> None:
+            results.append((await store.get("a")).state)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                store.report, OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1
+            )
+            await faults.blocked("report")
+            group.start_soon(read)
+            await anyio.sleep(0.1)
+            group.start_soon(store.close)
+            await anyio.sleep(0.1)
+            faults.release()
+        assert results == [State.COMPLETED]
+        with pytest.raises(FlexqError, match="not open"):
+            await store.get("a")
     finally:
         await store.close()

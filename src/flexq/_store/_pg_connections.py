@@ -137,6 +137,28 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("the store's SQL code awaited something other than its connection")
 
 
+async def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Under asyncio, run ``coroutine`` as a task of its own to its end, even if the caller
+    is cancelled meanwhile (by anyio, or by asyncio itself: ``task.cancel()``,
+    ``asyncio.timeout``, which anyio's shield does not stop); then return its result, or raise
+    the caller's cancellation."""
+    import asyncio
+
+    task = asyncio.ensure_future(coroutine)
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait((task,))
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # the caller's cancellation is what it gets
+        raise cancelled
+    return task.result()
+
+
 def on_asyncio() -> bool:
     """Whether the caller runs in an asyncio event loop (else: trio)."""
     try:
@@ -181,7 +203,8 @@ class _Openings:
     @property
     def backend_pids(self) -> set[int]:
         """The server processes of the open connections: their notifications are our own."""
-        return set(self._backends.values())
+        with self._lock:  # read by the LISTEN thread
+            return set(self._backends.values())
 
     def check(self) -> None:
         """Raise OperationalError if attempts failed lately and the pause is not over."""
@@ -204,10 +227,11 @@ class _Openings:
     def opened(self, conn: Connection | AsyncConnection) -> None:
         with self._lock:
             self._refused, self._pause = None, 0.0
-        self._backends[id(conn)] = conn.info.backend_pid
+            self._backends[id(conn)] = conn.info.backend_pid
 
     def closing(self, conn: Connection | AsyncConnection) -> None:
-        self._backends.pop(id(conn), None)
+        with self._lock:
+            self._backends.pop(id(conn), None)
 
 
 class ThreadConnections:
@@ -228,10 +252,6 @@ class ThreadConnections:
     def backend_pids(self) -> set[int]:
         """The server processes of these connections: their notifications are our own."""
         return self._openings.backend_pids
-
-    @property
-    def running(self) -> bool:
-        return bool(self._threads)
 
     def start(self) -> None:
         self._threads = [
@@ -302,41 +322,40 @@ class AsyncConnections:
         self._openings = _Openings()
         self._idle: list[AsyncConnection] = []
         self._slots: anyio.Semaphore | None = None
+        self._stopping = False
 
     @property
     def backend_pids(self) -> set[int]:
         """The server processes of these connections: their notifications are our own."""
         return self._openings.backend_pids
 
-    @property
-    def running(self) -> bool:
-        return self._slots is not None
-
     def start(self) -> None:
         self._slots = anyio.Semaphore(self._size)
+        self._stopping = False
 
     async def stop(self) -> None:
-        """Let the calls under way end, then close the connections."""
-        slots, self._slots = self._slots, None
-        if slots is None:
-            return
-        with anyio.CancelScope(shield=True):
-            for _ in range(self._size):
-                await slots.acquire()
-            idle, self._idle = self._idle, []
-            for conn in idle:
-                await self._close(conn)
-
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Refuse new calls, let those under way or waiting for a connection end, then close
+        the connections."""
         slots = self._slots
-        if slots is None:
+        if slots is None or self._stopping:
+            return
+        self._stopping = True
+        await to_the_end(self._close_all(slots))
+        self._slots = None
+
+    async def _close_all(self, slots: anyio.Semaphore) -> None:
+        for _ in range(self._size):  # after the calls that wait: the semaphore is first come
+            await slots.acquire()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._close(conn)
+
+    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        slots = self._slots
+        if slots is None or self._stopping:
             raise FlexqError("the PostgreSQL store is not open")
         async with slots:
-            if self._slots is not slots:  # stopped while this call waited for a slot
-                raise FlexqError("the PostgreSQL store is not open")
-            with anyio.CancelScope(shield=True):
-                result = await self._call(fn, args)
-        return result
+            return await to_the_end(self._call(fn, args))
 
     async def _call(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
         conn = self._idle.pop() if self._idle else None

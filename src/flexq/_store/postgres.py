@@ -64,6 +64,7 @@ from flexq._store._pg_connections import (
     fetch_one,
     on_asyncio,
     run_blocking,
+    to_the_end,
 )
 from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
 from flexq._store._thread import _threadsafe
@@ -778,10 +779,13 @@ class PostgresStore:
         try:
             if not on_asyncio():
                 return await anyio.to_thread.run_sync(blocking)
-            async with await self._connect_async() as conn:
-                return await fn(conn)
+            return await to_the_end(self._alone_async(fn))
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL store (schema {self.schema!r}): {exc}") from exc
+
+    async def _alone_async(self, fn: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        async with await self._connect_async() as conn:
+            return await fn(conn)
 
     async def _status(self, conn: Conn) -> SchemaStatus:
         schema = f'"{self.schema}"'
@@ -921,7 +925,7 @@ class PostgresStore:
         self, unit: EnqueueUnit, now: float
     ) -> Generator[tuple[str, Any], tuple[Any, ...] | None, list[JobId]]:
         """The statements that insert a unit with keys or batch jobs, job by job (run by
-        :func:`_run_steps` or :func:`_run_steps_async`); raises to refuse the unit.
+        :func:`_run_steps`); raises to refuse the unit.
 
         The tenants of its batch jobs must be locked (:data:`LOCK_TENANTS`)."""
         ids: list[JobId] = []
