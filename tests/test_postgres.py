@@ -693,13 +693,25 @@ async def test_the_claim_made_on_enqueue_leaves_the_commit_synchronous(
 
 
 async def test_the_store_runs_on_the_event_loop_under_asyncio_and_on_threads_under_trio(
-    pg_store: PostgresStore, anyio_backend_name: str
+    pg_schema: str, anyio_backend_name: str
 ) -> None:
-    """Under asyncio the store's connections are psycopg async connections on the event loop
-    (no thread of its own); under trio, blocking connections on threads of the store's."""
-    await put(pg_store, job("a"))
-    threads = [t for t in threading.enumerate() if t.name.startswith("flexq-postgres:")]
-    assert bool(threads) == (anyio_backend_name == "trio")
+    """Under asyncio the store's connections, the LISTEN one included, are psycopg async
+    connections on the event loop (no thread of the store's); under trio, blocking connections
+    on threads of the store's."""
+    queue = make_queue(postgres_url(pg_schema))
+
+    @queue.task(name="probe")
+    async def probe() -> None:
+        pass
+
+    async with queue:
+        await queue.wait(await queue.enqueue(probe), timeout=10)
+        names = [t.name for t in threading.enumerate() if pg_schema in t.name]
+        threads = sorted({name.split(":")[0] for name in names})
+    if anyio_backend_name == "asyncio":
+        assert threads == []
+    else:
+        assert threads == ["flexq-postgres", "flexq-postgres-listen"]
 
 
 def test_store_code_that_awaits_anything_but_its_connection_is_refused_on_a_thread() -> None:

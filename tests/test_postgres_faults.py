@@ -522,10 +522,27 @@ async def test_connection_attempts_back_off_while_the_server_is_unreachable(
             await queue.close()
 
 
-async def claimed_job(store: PostgresStore, job_id: str) -> None:
-    """Enqueue a job and claim it for :data:`OWNER`."""
-    await put(store, job(job_id))
-    assert [c.id for c in await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 60)] == [job_id]
+@contextlib.asynccontextmanager
+async def report_held(
+    schema: str, holds: Callable[[], Holds], **options: Any
+) -> AsyncIterator[tuple[PostgresStore, Holds]]:
+    """An open store holding job "a" under :data:`OWNER`'s lease, whose report will wait until
+    the holds are released."""
+    store = PostgresStore(POSTGRES_DSN, schema=schema, **options)
+    await store.open()
+    try:
+        await put(store, job("a"))
+        assert [c.id for c in await store.claim(OWNER, {"acme": 1}, TASKS, T0, T0 + 60)] == ["a"]
+        faults = holds()
+        faults.hold("report")
+        yield store, faults
+    finally:
+        await store.close()
+
+
+async def report_a(store: PostgresStore) -> None:
+    """Report job "a" COMPLETED with the result 1."""
+    await store.report(OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1)
 
 
 async def test_a_store_call_whose_caller_is_cancelled_runs_to_its_end(
@@ -533,18 +550,13 @@ async def test_a_store_call_whose_caller_is_cancelled_runs_to_its_end(
 ) -> None:
     """Cancelling the caller of a transaction under way does not abandon it half done: the
     caller returns once the transaction has ended, and its writes are there."""
-    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
-    await store.open()
-    try:
-        await claimed_job(store, "a")
-        faults = holds()
-        faults.hold("report")
+    async with report_held(pg_schema, holds) as (store, faults):
         caller = anyio.CancelScope()
         returned = anyio.Event()
 
         async def report() -> None:
             with caller:
-                await store.report(OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1)
+                await report_a(store)
             returned.set()
 
         async with anyio.create_task_group() as group:
@@ -555,26 +567,42 @@ async def test_a_store_call_whose_caller_is_cancelled_runs_to_its_end(
             assert not returned.is_set(), "the caller left its transaction behind"
             faults.release()
         info = await store.get("a")
-        assert (info.state, info.result) == (State.COMPLETED, 1)
-    finally:
-        await store.close()
+    assert (info.state, info.result) == (State.COMPLETED, 1)
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_an_asyncio_timeout_around_a_store_call_waits_for_its_transaction(
+    pg_schema: str, holds: Callable[[], Holds]
+) -> None:
+    """asyncio's own cancellation (here ``asyncio.timeout``, which anyio's shields do not
+    stop) of a caller whose transaction is under way: the transaction runs to its end before
+    the caller gets its TimeoutError."""
+    async with report_held(pg_schema, holds) as (store, faults):
+
+        async def release_soon() -> None:
+            await faults.blocked("report")
+            await anyio.sleep(0.5)
+            faults.release()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(release_soon)
+            started = anyio.current_time()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await report_a(store)
+            assert anyio.current_time() - started >= 0.5, "the caller left its transaction"
+        info = await store.get("a")
+    assert (info.state, info.result) == (State.COMPLETED, 1)
 
 
 async def test_closing_the_store_waits_for_the_transactions_under_way(
     pg_schema: str, holds: Callable[[], Holds]
 ) -> None:
     """close() lets a transaction under way end before it closes the connections."""
-    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
-    await store.open()
     closed = False
-    try:
-        await claimed_job(store, "a")
-        faults = holds()
-        faults.hold("report")
+    async with report_held(pg_schema, holds) as (store, faults):
         async with anyio.create_task_group() as group:
-            group.start_soon(
-                store.report, OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1
-            )
+            group.start_soon(report_a, store)
             await faults.blocked("report")
 
             async def close() -> None:
@@ -587,41 +615,7 @@ async def test_closing_the_store_waits_for_the_transactions_under_way(
             assert not closed
             faults.release()
         assert closed
-        assert sql(f'SELECT state FROM "{pg_schema}".flexq_jobs') == [("COMPLETED",)]
-    finally:
-        await store.close()
-
-
-@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
-async def test_an_asyncio_timeout_around_a_store_call_waits_for_its_transaction(
-    pg_schema: str, holds: Callable[[], Holds]
-) -> None:
-    """asyncio's own cancellation (here ``asyncio.timeout``, which anyio's shields do not
-    stop) of a caller whose transaction is under way: the transaction runs to its end before
-    the caller gets its TimeoutError."""
-    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
-    await store.open()
-    try:
-        await claimed_job(store, "a")
-        faults = holds()
-        faults.hold("report")
-
-        async def release_soon() -> None:
-            await faults.blocked("report")
-            await anyio.sleep(0.5)
-            faults.release()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(release_soon)
-            started = anyio.current_time()
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await store.report(OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1)
-            assert anyio.current_time() - started >= 0.5, "the caller left its transaction"
-        info = await store.get("a")
-        assert (info.state, info.result) == (State.COMPLETED, 1)
-    finally:
-        await store.close()
+    assert sql(f'SELECT state FROM "{pg_schema}".flexq_jobs') == [("COMPLETED",)]
 
 
 async def test_calls_waiting_for_a_connection_when_the_store_closes_are_served(
@@ -629,21 +623,14 @@ async def test_calls_waiting_for_a_connection_when_the_store_closes_are_served(
 ) -> None:
     """close() refuses new calls, but a call that already waited for a connection (all of
     them busy) runs before the connections close."""
-    store = PostgresStore(POSTGRES_DSN, schema=pg_schema, connections=1)
-    await store.open()
-    try:
-        await claimed_job(store, "a")
-        faults = holds()
-        faults.hold("report")
+    async with report_held(pg_schema, holds, connections=1) as (store, faults):
         results: list[object] = []
 
         async def read() -> None:
             results.append((await store.get("a")).state)
 
         async with anyio.create_task_group() as group:
-            group.start_soon(
-                store.report, OWNER, [Outcome("a", State.COMPLETED, result="1")], T0 + 1
-            )
+            group.start_soon(report_a, store)
             await faults.blocked("report")
             group.start_soon(read)
             await anyio.sleep(0.1)
@@ -653,5 +640,3 @@ async def test_calls_waiting_for_a_connection_when_the_store_closes_are_served(
         assert results == [State.COMPLETED]
         with pytest.raises(FlexqError, match="not open"):
             await store.get("a")
-    finally:
-        await store.close()

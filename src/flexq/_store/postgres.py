@@ -15,8 +15,9 @@ partial index of the QUEUED rows, so it costs the same with a million waiting jo
 thousand.
 
 Wake-ups: an enqueue that makes work ready sends a NOTIFY in its own transaction (delivered
-when it commits). :meth:`PostgresStore.listen` keeps a LISTEN connection on a thread of its
-own and wakes the dispatcher of this process when *another* process's transaction notifies;
+when it commits). :meth:`PostgresStore.listen` keeps a LISTEN connection (an async one under
+asyncio, a blocking one on a thread of its own under trio) and wakes the dispatcher of this
+process when *another* process's transaction notifies;
 this process's own enqueues wake its dispatcher in-process, without a round trip. The
 dispatcher's slow poll stays as a fallback for lost notifications (a dropped LISTEN connection
 is reopened with backoff, and its reopening triggers a poll).
@@ -119,6 +120,14 @@ TCP_DEFAULTS = {
 """libpq settings for a server that falls silent (a network cut, a host gone): its connections
 fail within about 30 s instead of waiting for the operating system's hours. The DSN's own
 settings of these win."""
+
+LISTEN_BACKOFF = (0.1, 5.0)
+"""The LISTEN connection is reopened after a pause that starts at the first and doubles up to
+the second while attempts fail."""
+
+LISTEN_PING = 30.0
+"""After this many seconds without a notification, the LISTEN connection runs ``SELECT 1``: a
+peer that vanished shows up then."""
 
 READ_ATTEMPTS = 3
 """How often a read is tried when the server drops its connection (writes are tried once: their
@@ -854,16 +863,51 @@ class PostgresStore:
         make more jobs ready than ``free_workers()``: a process that takes on its own work
         wakes nobody else (who would only race it for the same jobs).
         """
+        self._free_workers = free_workers
+        try:
+            if on_asyncio():
+                await self._listen_on_the_loop(wake)
+            else:
+                await self._listen_on_a_thread(wake)
+        finally:
+            self._free_workers = None
+
+    async def _listen_on_the_loop(
+        self, wake: Callable[[list[str] | None, float | None], None]
+    ) -> None:
+        """:meth:`listen` under asyncio: an async LISTEN connection, reopened with backoff."""
+        delay, first = 0.0, True
+        while True:
+            await anyio.sleep(delay)
+            try:
+                async with await self._connect_async() as conn:
+                    await conn.execute(f'LISTEN "{self.channel}"')
+                    if not first:
+                        wake(None, None)  # notifications may have been missed meanwhile
+                    while True:
+                        heard = False
+                        async for note in conn.notifies(timeout=LISTEN_PING):
+                            heard = True
+                            if note.pid not in self.backend_pids:
+                                wake(*_parse_payload(note.payload))
+                        if not heard:
+                            await conn.execute("SELECT 1")  # a dead peer shows up here
+            except psycopg.Error as exc:
+                delay = _listen_retry(delay, exc)
+            first = False
+
+    async def _listen_on_a_thread(
+        self, wake: Callable[[list[str] | None, float | None], None]
+    ) -> None:
+        """:meth:`listen` under trio: a blocking LISTEN connection on a thread of its own."""
         listener = _Listener(self, wake)
         thread = threading.Thread(
             target=listener.serve, name=f"flexq-postgres-listen:{self.schema}", daemon=True
         )
         thread.start()
-        self._free_workers = free_workers
         try:
             await anyio.sleep_forever()
         finally:
-            self._free_workers = None
             listener.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
@@ -1911,8 +1955,17 @@ class PostgresStore:
         return [_info(row) for row in rows]
 
 
+def _listen_retry(delay: float, error: psycopg.Error) -> float:
+    """How long to wait before the LISTEN connection is opened again, after ``delay``."""
+    low, high = LISTEN_BACKOFF
+    delay = min(max(2 * delay, low), high)
+    log.warning("LISTEN connection lost, reconnecting", error=repr(error), retry_in=delay)
+    return delay
+
+
 class _Listener:
-    """The LISTEN connection of :meth:`PostgresStore.listen`, served by a thread of its own.
+    """The LISTEN connection of :meth:`PostgresStore.listen` under trio, served by a thread of
+    its own.
 
     Notifications sent by the store's own connections are dropped: this process's dispatcher
     heard of that work in-process already.
@@ -1951,9 +2004,7 @@ class _Listener:
                     self._listen(first)
                     return
                 except psycopg.Error as exc:
-                    delay = min(max(2 * delay, 0.1), 5.0)
-                    log.warning("LISTEN connection lost, reconnecting", error=repr(exc),
-                                retry_in=delay)  # fmt: skip
+                    delay = _listen_retry(delay, exc)
                 first = False
         finally:
             os.close(self._stop_read)
@@ -1972,7 +2023,8 @@ class _Listener:
             if not first:
                 self._post(None, None)  # notifications may have been missed meanwhile
             while True:
-                readable, _, _ = select.select([conn.fileno(), self._stop_read], [], [], 30.0)
+                waiting = [conn.fileno(), self._stop_read]
+                readable, _, _ = select.select(waiting, [], [], LISTEN_PING)
                 if self._stop_read in readable:
                     return
                 if not readable:
