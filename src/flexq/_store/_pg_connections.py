@@ -19,6 +19,7 @@ transaction is never left half done.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import select
@@ -142,8 +143,6 @@ async def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
     is cancelled meanwhile (by anyio, or by asyncio itself: ``task.cancel()``,
     ``asyncio.timeout``, which anyio's shield does not stop); then return its result, or raise
     the caller's cancellation."""
-    import asyncio
-
     task = asyncio.ensure_future(coroutine)
     cancelled: asyncio.CancelledError | None = None
     with anyio.CancelScope(shield=True):
@@ -162,8 +161,6 @@ async def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
 def on_asyncio() -> bool:
     """Whether the caller runs in an asyncio event loop (else: trio)."""
     try:
-        import asyncio
-
         asyncio.get_running_loop()
     except RuntimeError:
         return False
