@@ -752,6 +752,8 @@ def case_postgres(args: argparse.Namespace, sizes: PostgresSizes, out: Results) 
         one, more = _run_rounds(python, sizes, best_backend, int(best_workers))
         for label, ratios in (("run, best 1 process", one),
                               (f"run, {sizes.processes} processes", more)):  # fmt: skip
+            if not ratios:  # pgqueuer failed in every round: said above, judged by nothing
+                continue
             ratio = statistics.median(ratios)
             out.add(f"postgres {label} / pgqueuer, median of {len(ratios)} rounds",
                     f"{ratio:.2f}x", ">= 2x", ratio >= 2.0)  # fmt: skip
