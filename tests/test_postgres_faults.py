@@ -24,6 +24,7 @@ from anyio.abc import SocketAttribute
 
 import flexq
 from flexq import FlexqError, State, StoreError
+from flexq._store import postgres as postgres_store
 from flexq._store.base import Outcome
 from flexq._store.postgres import PostgresStore
 
@@ -131,6 +132,13 @@ class Proxy:
         self.refusing = False
         self.accepted = 0
         self.refused = 0
+        self._counted = anyio.Event()
+
+    async def counted(self, check: Callable[[], bool]) -> None:
+        """Wait until ``check()`` holds, looking again at each connection accepted or refused."""
+        while not check():
+            self._counted = anyio.Event()
+            await self._counted.wait()
 
     def url(self, schema: str) -> str:
         parsed = urllib.parse.urlsplit(postgres_url(schema))
@@ -157,8 +165,10 @@ class Proxy:
         async with client:
             if self.refusing:
                 self.refused += 1
+                self._counted.set()
                 return
             self.accepted += 1
+            self._counted.set()
             async with await anyio.connect_tcp(*self._upstream) as server:
                 port = server.extra(SocketAttribute.local_port)
                 with anyio.CancelScope() as self._scopes[port]:
@@ -494,6 +504,49 @@ async def test_a_job_enqueued_while_the_listen_connection_is_down_starts_when_it
                 await producer.close()
     assert len(after) == 1
     assert after != [before], "the LISTEN connection was not reopened"
+
+
+async def test_the_listen_backoff_starts_again_after_a_connection_that_held(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reconnections of the LISTEN connection back off while they fail; once one has listened
+    for a while (LISTEN_STEADY), the next loss is retried after the shortest pause again, not
+    after the longest pause reached before."""
+    monkeypatch.setattr(postgres_store, "LISTEN_STEADY", 0.5)
+    low, _ = postgres_store.LISTEN_BACKOFF
+    async with running_proxy() as proxy:
+        store = make_queue(proxy.url(pg_schema))._store
+        assert isinstance(store, PostgresStore)
+        await store.open()
+        reconnected = anyio.Event()
+
+        def wake(tenants: list[str] | None, run_at: float | None) -> None:
+            if tenants is None:
+                reconnected.set()
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(store.listen, wake, lambda: 0)
+                with anyio.fail_after(5):
+                    await proxy.counted(lambda: proxy.accepted > 0)
+                proxy.refusing = True
+                proxy.cut()
+                with anyio.fail_after(10):  # pauses of 0.1, 0.2, 0.4 and 0.8 s between them
+                    await proxy.counted(lambda: proxy.refused >= 5)
+                proxy.refusing = False
+                with anyio.fail_after(10):
+                    await reconnected.wait()
+                await anyio.sleep(0.8)  # listening longer than LISTEN_STEADY
+                reconnected = anyio.Event()
+                cut_at = anyio.current_time()
+                proxy.cut()
+                with anyio.fail_after(10):
+                    await reconnected.wait()
+                reconnected_after = anyio.current_time() - cut_at
+                group.cancel_scope.cancel()
+        finally:
+            await store.close()
+    assert reconnected_after < low + 0.4, "the backoff went on from its last pause"
 
 
 async def test_connection_attempts_back_off_while_the_server_is_unreachable(

@@ -31,6 +31,7 @@ import os
 import re
 import select
 import threading
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -123,7 +124,11 @@ settings of these win."""
 
 LISTEN_BACKOFF = (0.1, 5.0)
 """The LISTEN connection is reopened after a pause that starts at the first and doubles up to
-the second while attempts fail."""
+the second while attempts fail (or connections fail again soon after they listen)."""
+
+LISTEN_STEADY = 5.0
+"""A LISTEN connection that listened this many seconds before it failed was a good one: the
+pause before the next starts again from the first of :data:`LISTEN_BACKOFF`."""
 
 LISTEN_PING = 30.0
 """After this many seconds without a notification, the LISTEN connection runs ``SELECT 1``: a
@@ -879,9 +884,11 @@ class PostgresStore:
         delay, first = 0.0, True
         while True:
             await anyio.sleep(delay)
+            listening_since = None
             try:
                 async with await self._connect_async() as conn:
                     await conn.execute(f'LISTEN "{self.channel}"')
+                    listening_since = time.monotonic()
                     if not first:
                         wake(None, None)  # notifications may have been missed meanwhile
                     while True:
@@ -893,7 +900,7 @@ class PostgresStore:
                         if not heard:
                             await conn.execute("SELECT 1")  # a dead peer shows up here
             except psycopg.Error as exc:
-                delay = _listen_retry(delay, exc)
+                delay = _listen_retry(delay, exc, listening_since)
             first = False
 
     async def _listen_on_a_thread(
@@ -1955,9 +1962,12 @@ class PostgresStore:
         return [_info(row) for row in rows]
 
 
-def _listen_retry(delay: float, error: psycopg.Error) -> float:
-    """How long to wait before the LISTEN connection is opened again, after ``delay``."""
+def _listen_retry(delay: float, error: psycopg.Error, listening_since: float | None) -> float:
+    """How long to wait before the LISTEN connection is opened again, after ``delay``, when
+    the last one failed (having listened since ``listening_since``, if it got that far)."""
     low, high = LISTEN_BACKOFF
+    if listening_since is not None and time.monotonic() - listening_since >= LISTEN_STEADY:
+        delay = 0.0
     delay = min(max(2 * delay, low), high)
     log.warning("LISTEN connection lost, reconnecting", error=repr(error), retry_in=delay)
     return delay
@@ -1980,6 +1990,7 @@ class _Listener:
         self._lock = threading.Lock()
         self._deliver = _threadsafe(self._deliver_pending)
         self._stop_read, self._stop_write = os.pipe()
+        self._listening_since: float | None = None
 
     def stop(self) -> None:
         os.write(self._stop_write, b"x")
@@ -2000,11 +2011,12 @@ class _Listener:
         first = True
         try:
             while not self._sleep(delay):
+                self._listening_since = None
                 try:
                     self._listen(first)
                     return
                 except psycopg.Error as exc:
-                    delay = _listen_retry(delay, exc)
+                    delay = _listen_retry(delay, exc, self._listening_since)
                 first = False
         finally:
             os.close(self._stop_read)
@@ -2020,6 +2032,7 @@ class _Listener:
         store = self._store
         with store._connect() as conn:
             conn.execute(f'LISTEN "{store.channel}"')
+            self._listening_since = time.monotonic()
             if not first:
                 self._post(None, None)  # notifications may have been missed meanwhile
             while True:
