@@ -648,6 +648,42 @@ async def test_an_asyncio_timeout_around_a_store_call_waits_for_its_transaction(
     assert (info.state, info.result) == (State.COMPLETED, 1)
 
 
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_an_enqueue_cancelled_by_asyncio_hands_the_job_it_claimed_to_the_workers(
+    pg_schema: str,
+) -> None:
+    """An idle queue's enqueue claims its job in its own transaction. asyncio's own
+    cancellation of that enqueue while the transaction waits (here for a table lock) lets the
+    transaction end, and the job it claimed goes to the workers: it runs at once, its first
+    attempt, instead of waiting out a lease held by nobody and then running as a suspect."""
+    queue = make_queue(postgres_url(pg_schema), poll_interval=30.0, lease=20.0)
+    ran = anyio.Event()
+
+    @queue.task(name="probe")
+    async def probe() -> None:
+        ran.set()
+
+    async with queue:
+        await anyio.sleep(0.3)  # the first poll is over: the dispatcher is idle
+        locker = await psycopg.AsyncConnection.connect(POSTGRES_DSN)
+        try:
+            await locker.execute(f'LOCK TABLE "{pg_schema}".flexq_jobs IN SHARE ROW EXCLUSIVE MODE')
+            enqueue = asyncio.ensure_future(queue.enqueue("probe"))
+            await anyio.sleep(0.2)
+            enqueue.cancel()
+            await anyio.sleep(0.1)
+            await locker.rollback()
+        finally:
+            await locker.close()
+        with pytest.raises(asyncio.CancelledError):
+            await enqueue
+        with anyio.fail_after(5):
+            await ran.wait()
+        (job,) = (await queue.jobs()).items
+        info = await queue.wait(job.id, timeout=5)
+    assert (info.state, info.attempts, info.errors) == (State.COMPLETED, 1, ())
+
+
 async def test_closing_the_store_waits_for_the_transactions_under_way(
     pg_schema: str, holds: Callable[[], Holds]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import anyio
@@ -10,6 +11,7 @@ import pytest
 import flexq
 from flexq._backoff import retry_pause
 from flexq._batching import GroupCommit
+from flexq._cancellation import to_the_end
 from flexq._states import FINAL_STATES, check_transition
 
 
@@ -134,3 +136,106 @@ async def test_group_commit_survives_a_cancelled_leader() -> None:
         await group.submit(1)
     assert written == [1]
     assert await group.submit(2) == 2
+
+
+ASYNCIO_ONLY = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
+)
+
+
+@ASYNCIO_ONLY
+async def test_group_commit_leader_cancelled_by_asyncio_during_its_flush() -> None:
+    """asyncio's own cancellation (``task.cancel()``, ``asyncio.timeout``) of a leader that is
+    flushing through a store call that runs to its end (as the PostgreSQL store's do): the
+    others of its batch get their results, and the leader gets its cancellation."""
+    flushing = anyio.Event()
+
+    async def write(items: list[int]) -> list[int]:
+        flushing.set()
+        await anyio.sleep(0.05)
+        return [item * 10 for item in items]
+
+    async def flush(items: list[int]) -> list[int]:
+        return await to_the_end(write(items))
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    leader = asyncio.ensure_future(group.submit(1))
+    follower = asyncio.ensure_future(group.submit(2))
+    await flushing.wait()
+    leader.cancel()
+    assert await follower == 20
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await group.submit(3) == 30
+
+
+@ASYNCIO_ONLY
+async def test_group_commit_leader_cancelled_by_asyncio_while_waiting_its_turn() -> None:
+    """A leader cancelled by asyncio while the batch before its own is flushing still flushes
+    its batch once that one is over: its followers and later callers are not left waiting."""
+    release = anyio.Event()
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        if not flushed:
+            await release.wait()
+        flushed.append(items)
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    first = asyncio.ensure_future(group.submit(1))
+    await asyncio.sleep(0.01)  # batch 1 is flushing
+    leader = asyncio.ensure_future(group.submit(2))
+    follower = asyncio.ensure_future(group.submit(3))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    await asyncio.sleep(0.01)
+    release.set()
+    with anyio.fail_after(2):
+        assert await first == 1
+        assert await follower == 3
+        assert await group.submit(4) == 4
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert flushed == [[1], [2, 3], [4]]
+
+
+async def test_group_commit_flush_interrupted_by_a_base_exception() -> None:
+    """A flush that ends by a BaseException (not a failure of the store) gives the others of
+    its batch a StoreError that says the write may have happened, not a wrong result."""
+
+    class Interrupted(BaseException):
+        pass
+
+    release = anyio.Event()
+    calls = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+            return items
+        raise Interrupted
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    outcomes: dict[int, object] = {}
+
+    async def submit(n: int) -> None:
+        try:
+            outcomes[n] = await group.submit(n)
+        except (Interrupted, flexq.StoreError) as exc:
+            outcomes[n] = exc
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(submit, 1)
+        await anyio.sleep(0.01)  # 1 is flushing: 2 and 3 make the next batch, led by 2
+        tasks.start_soon(submit, 2)
+        await anyio.sleep(0.01)
+        tasks.start_soon(submit, 3)
+        await anyio.sleep(0.01)
+        release.set()
+    assert outcomes[1] == 1
+    assert isinstance(outcomes[2], Interrupted)
+    assert isinstance(outcomes[3], flexq.StoreError)
+    assert "may have happened" in str(outcomes[3])

@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
+from flexq._cancellation import to_the_end
+from flexq._errors import StoreError
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
@@ -30,8 +33,10 @@ class GroupCommit(Generic[T, R]):
     Items that arrive while a flush runs gather in the next batch. The first caller of a batch
     flushes it once the previous flush is over; the others wait for it. Every caller thus
     flushes at most its own batch, and a batch is one ``flush(items)`` that returns one result
-    per item, in order. Flushes run shielded from cancellation: a batch is never left
-    half-written, and a cancelled caller's item may still be written.
+    per item, in order. A batch's leader waits for its turn and flushes shielded from every
+    cancellation, asyncio's own included (:func:`~flexq._cancellation.to_the_end`): a batch is
+    never left half-written nor unwritten while others wait for it, and a cancelled caller's
+    item may still be written.
     """
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
@@ -49,22 +54,24 @@ class GroupCommit(Generic[T, R]):
         if index:
             await batch.done.wait()
         else:
-            if self._flushing:
-                with anyio.CancelScope(shield=True):
-                    await batch.lead.wait()
-            await self._lead(batch)
+            await to_the_end(self._lead(batch))
         if batch.error is not None:
             raise batch.error
         return batch.results[index]
 
     async def _lead(self, batch: _Batch[T, R]) -> None:
+        """Flush ``batch`` once the flush before it is over."""
+        if self._flushing:
+            await batch.lead.wait()
         self._flushing = True
         self._open = None
         try:
-            with anyio.CancelScope(shield=True):
-                batch.results = await self._flush(batch.items)
+            batch.results = await self._flush(batch.items)
         except Exception as exc:
             batch.error = exc
+        except BaseException as exc:
+            batch.error = StoreError(f"the write was interrupted ({exc!r}): it may have happened")
+            raise
         finally:
             batch.done.set()
             successor = self._open

@@ -19,7 +19,6 @@ transaction is never left half done.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import queue
 import select
@@ -32,6 +31,7 @@ import anyio.to_thread
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from flexq._cancellation import to_the_end
 from flexq._errors import FlexqError
 from flexq._store._thread import _Call
 
@@ -136,35 +136,6 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
         return stop.value  # type: ignore[no-any-return]
     coroutine.close()
     raise RuntimeError("the store's SQL code awaited something other than its connection")
-
-
-async def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Under asyncio, run ``coroutine`` as a task of its own to its end, even if the caller
-    is cancelled meanwhile (by anyio, or by asyncio itself: ``task.cancel()``,
-    ``asyncio.timeout``, which anyio's shield does not stop); then return its result, or raise
-    the caller's cancellation."""
-    task = asyncio.ensure_future(coroutine)
-    cancelled: asyncio.CancelledError | None = None
-    with anyio.CancelScope(shield=True):
-        while not task.done():
-            try:
-                await asyncio.wait((task,))
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # the caller's cancellation is what it gets
-        raise cancelled
-    return task.result()
-
-
-def on_asyncio() -> bool:
-    """Whether the caller runs in an asyncio event loop (else: trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def dropped(conn: Connection | AsyncConnection) -> bool:

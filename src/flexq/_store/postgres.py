@@ -41,6 +41,7 @@ import psycopg.conninfo
 import structlog
 from psycopg.pq import TransactionStatus
 
+from flexq._cancellation import on_asyncio, to_the_end
 from flexq._errors import (
     DuplicateJob,
     FlexqError,
@@ -64,9 +65,7 @@ from flexq._store._pg_connections import (
     ThreadConnections,
     fetch_all,
     fetch_one,
-    on_asyncio,
     run_blocking,
-    to_the_end,
 )
 from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
 from flexq._store._thread import _threadsafe
