@@ -4,6 +4,8 @@ through LISTEN/NOTIFY, reconnection after the server dropped a connection, concu
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 import threading
 from typing import TYPE_CHECKING, Any
@@ -209,6 +211,35 @@ async def test_connections_give_up_on_a_silent_server_within_seconds(
         assert await store._run(tcp_settings) == expected
     finally:
         await store.close()
+
+
+async def test_connections_numbered_past_1023_work(pg_schema: str) -> None:
+    """A busy application holds many files and sockets, so the store's connections get
+    descriptors past 1023 (which ``select()`` refuses): enqueues, claims, reports and the
+    LISTEN connection work all the same."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this system allows {hard} open files per process")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        queue = make_queue(postgres_url(pg_schema))
+
+        @queue.task(name="probe")
+        async def probe(n: int) -> int:
+            return n
+
+        async with queue:
+            job_ids = [await queue.enqueue("probe", n) for n in range(20)]
+            for n, job_id in enumerate(job_ids):
+                info = await queue.wait(job_id, timeout=10)
+                assert (info.state, info.result) == (State.COMPLETED, n)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_key_raced_by_two_stores_is_taken_once(pg_schema: str) -> None:

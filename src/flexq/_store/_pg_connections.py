@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 import psycopg
+import structlog
 from psycopg.pq import TransactionStatus
 
 from flexq._cancellation import to_the_end
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
 T = TypeVar("T")
+
+log = structlog.get_logger("flexq")
 Row = tuple[Any, ...]
 Connection = psycopg.Connection[Row]
 AsyncConnection = psycopg.AsyncConnection[Row]
@@ -144,8 +147,18 @@ def dropped(conn: Connection | AsyncConnection) -> bool:
     parameter) cost a needless reconnection, which is harmless."""
     if conn.closed or conn.broken:
         return True
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return bool(readable)
+    return bool(readable([conn.fileno()], 0.0))
+
+
+def readable(fds: Sequence[int], timeout: float) -> list[int]:
+    """Those of ``fds`` that are readable (or closed) within ``timeout`` seconds.
+
+    ``poll``, not ``select``: a busy application's sockets have numbers past 1023, which
+    ``select`` refuses."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
 
 
 def reusable(conn: Connection | AsyncConnection) -> bool:
@@ -257,13 +270,24 @@ class ThreadConnections:
                     call.result = run_blocking(call.fn(conn, *call.args))
                 except BaseException as exc:
                     call.error = exc
-                    if conn is not None and not reusable(conn.connection):
-                        self._close(conn)
-                        conn = None
-                call.notify()
+                    conn = self._kept_after_failure(conn)
+                finally:
+                    call.notify()
         finally:
             if conn is not None:
                 self._close(conn)
+
+    def _kept_after_failure(self, conn: BlockingConnection | None) -> BlockingConnection | None:
+        """The connection whose call failed if it can serve the next, else None (closed)."""
+        if conn is None:
+            return None
+        try:
+            if reusable(conn.connection):
+                return conn
+            self._close(conn)
+        except Exception as exc:  # the thread must go on serving the calls that follow
+            log.warning("could not close a failed PostgreSQL connection", error=repr(exc))
+        return None
 
     def _open(self) -> Connection:
         self._openings.check()

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import select
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,6 +64,7 @@ from flexq._store._pg_connections import (
     ThreadConnections,
     fetch_all,
     fetch_one,
+    readable,
     run_blocking,
 )
 from flexq._store._pg_migrations import KEY_CONFLICT, MIGRATIONS, SCHEMA_VERSION, statements
@@ -2023,8 +2023,7 @@ class _Listener:
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; True if asked to stop meanwhile."""
-        readable, _, _ = select.select([self._stop_read], [], [], seconds)
-        return bool(readable)
+        return bool(readable([self._stop_read], seconds))
 
     def _listen(self, first: bool) -> None:
         """LISTEN and pass notifications on until asked to stop (or the connection fails)."""
@@ -2035,11 +2034,10 @@ class _Listener:
             if not first:
                 self._post(None, None)  # notifications may have been missed meanwhile
             while True:
-                waiting = [conn.fileno(), self._stop_read]
-                readable, _, _ = select.select(waiting, [], [], LISTEN_PING)
-                if self._stop_read in readable:
+                ready = readable([conn.fileno(), self._stop_read], LISTEN_PING)
+                if self._stop_read in ready:
                     return
-                if not readable:
+                if not ready:
                     conn.execute("SELECT 1")  # a dead peer shows up here
                     continue
                 for note in conn.notifies(timeout=0.0):
