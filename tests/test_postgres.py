@@ -242,6 +242,36 @@ async def test_connections_numbered_past_1023_work(pg_schema: str) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+async def test_schema_names_are_as_long_as_their_notification_channel_allows(
+    pg_schema: str,
+) -> None:
+    """A schema name of 57 characters works, notifications included (its channel,
+    ``flexq_<schema>``, has PostgreSQL's 63); a longer one is refused before anything is made."""
+    longest = (pg_schema + "_" * 57)[:57]
+    too_long = longest + "x"
+    with pytest.raises(flexq.InvalidArguments, match="at most 57 characters"):
+        flexq.Queue(POSTGRES_DSN, schema=too_long)
+    try:
+        producer, worker = make_queue(postgres_url(longest)), make_queue(postgres_url(longest))
+        for queue in (producer, worker):
+
+            @queue.task(name="probe")
+            async def probe() -> None:
+                pass
+
+        async with worker:
+            await producer.open()
+            try:
+                job_id = await producer.enqueue("probe")  # notifies the worker's process
+                assert (await worker.wait(job_id, timeout=10)).state is State.COMPLETED
+            finally:
+                await producer.close()
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{longest}" CASCADE')
+    assert sql("SELECT 1 FROM pg_namespace WHERE nspname = %s", too_long) == []
+
+
 async def test_a_key_raced_by_two_stores_is_taken_once(pg_schema: str) -> None:
     """Two processes enqueueing the same key at once: one job is created, the other caller
     learns its id."""

@@ -104,7 +104,10 @@ T = TypeVar("T")
 
 log = structlog.get_logger("flexq")
 
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+MAX_SCHEMA_NAME = 57
+"""PostgreSQL names have at most 63 bytes, and the schema's notification channel is
+``flexq_<schema>``."""
+_SCHEMA_NAME = re.compile(rf"[a-z_][a-z0-9_]{{0,{MAX_SCHEMA_NAME - 1}}}")
 _FINAL = ",".join(f"'{s}'" for s in sorted(FINAL_STATES))
 _RUNNING = ",".join(f"'{s}'" for s in sorted(RUNNING_STATES))
 MAX_PAYLOAD = 7900
@@ -647,7 +650,7 @@ def check_schema(schema: str) -> str:
     """The schema name, if it is a plain lower-case identifier (else InvalidArguments)."""
     if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
         raise InvalidArguments(
-            f"schema must be a lower-case identifier of at most 63 characters"
+            f"schema must be a lower-case identifier of at most {MAX_SCHEMA_NAME} characters"
             f" ([a-z_][a-z0-9_]*), not {schema!r}"
         )
     return schema
