@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -547,6 +548,42 @@ async def test_the_listen_backoff_starts_again_after_a_connection_that_held(
         finally:
             await store.close()
     assert reconnected_after < low + 0.4, "the backoff went on from its last pause"
+
+
+async def test_notifications_that_come_during_the_listen_ping_are_delivered(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LISTEN connection pings the server when it has heard nothing for LISTEN_PING
+    seconds; a notification that comes while the ping runs is delivered at once, not when the
+    next one comes. (Pinging all the time here makes that likely for some of them.)"""
+    monkeypatch.setattr(postgres_store, "LISTEN_PING", 0.001)
+    store = make_queue(postgres_url(pg_schema))._store
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    heard: list[str] = []
+    arrived = anyio.Event()
+
+    def wake(tenants: list[str] | None, run_at: float | None) -> None:
+        heard.extend(tenants or ())
+        arrived.set()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(store.listen, wake, lambda: 0)
+            await anyio.sleep(0.3)
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as sender:
+                for n in range(30):
+                    arrived = anyio.Event()
+                    payload = json.dumps({"tenants": [f"t{n}"], "run_at": None})
+                    sender.execute("SELECT pg_notify(%s, %s)", (store.channel, payload))
+                    with anyio.fail_after(1, shield=True):
+                        while f"t{n}" not in heard:
+                            await arrived.wait()
+                            arrived = anyio.Event()
+            group.cancel_scope.cancel()
+    finally:
+        await store.close()
+    assert heard == [f"t{n}" for n in range(30)]
 
 
 async def test_connection_attempts_back_off_while_the_server_is_unreachable(

@@ -2042,7 +2042,7 @@ class _Listener:
                     return
                 if not ready:
                     conn.execute("SELECT 1")  # a dead peer shows up here
-                    continue
+                # Also those that came during the ping, which psycopg kept aside.
                 for note in conn.notifies(timeout=0.0):
                     if note.pid not in store.backend_pids:
                         self._post(*_parse_payload(note.payload))
