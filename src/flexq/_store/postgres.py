@@ -920,6 +920,7 @@ class PostgresStore:
             listener.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
+            listener.close()
 
     # -- enqueue ----------------------------------------------------------------------------
 
@@ -1997,6 +1998,12 @@ class _Listener:
     def stop(self) -> None:
         os.write(self._stop_write, b"x")
 
+    def close(self) -> None:
+        """Once the thread has ended (whatever ended it), and not before: stop() may still
+        write to the pipe."""
+        os.close(self._stop_read)
+        os.close(self._stop_write)
+
     def _deliver_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
@@ -2011,18 +2018,14 @@ class _Listener:
     def serve(self) -> None:
         delay = 0.0
         first = True
-        try:
-            while not self._sleep(delay):
-                self._listening_since = None
-                try:
-                    self._listen(first)
-                    return
-                except psycopg.Error as exc:
-                    delay = _listen_retry(delay, exc, self._listening_since)
-                first = False
-        finally:
-            os.close(self._stop_read)
-            os.close(self._stop_write)
+        while not self._sleep(delay):
+            self._listening_since = None
+            try:
+                self._listen(first)
+                return
+            except psycopg.Error as exc:
+                delay = _listen_retry(delay, exc, self._listening_since)
+            first = False
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; True if asked to stop meanwhile."""
