@@ -29,6 +29,7 @@ from flexq import (
 from flexq._limits import LimitTable
 from flexq._states import Kind
 from flexq._store import _pg_migrations as migrations
+from flexq._store import postgres as postgres_store
 from flexq._store._pg_connections import AsyncConnection, BlockingConnection, run_blocking
 from flexq._store.base import (
     ACTIVE_BATCH_STATES,
@@ -505,6 +506,29 @@ async def test_batch_jobs_enqueued_in_the_applications_transaction_join_the_hold
     assert (counts.prepared, errors) == (False, [])
     with pytest.raises(JobNotFound):
         await pg_store.get("b3")
+
+
+async def test_raising_a_limit_admits_the_holding_batches_of_every_tenant(
+    pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admission pass after the tenants' slot limit rose admits a holding batch job of each
+    of them, a few tenants per transaction (each tenant's lock is held until its transaction
+    ends, and the server's lock table is finite)."""
+    monkeypatch.setattr(postgres_store, "ADMIT_CHUNK", 2)
+    tenants = [f"t{n}" for n in range(5)]
+    pg_store.set_limits(LimitTable(Limits(max_active_batches=1)))
+    for tenant in tenants:
+        unit = EnqueueUnit(
+            [job(f"{tenant}-{n}", tenant=tenant, kind=Kind.BATCH) for n in (1, 2)], "raise"
+        )
+        assert await pg_store.enqueue([unit], T0) == [[f"{tenant}-1", f"{tenant}-2"]]
+        assert await pg_store.holding_order(tenant) == [f"{tenant}-2"]
+    pg_store.set_limits(LimitTable(Limits(max_active_batches=2)))
+    assert await pg_store.admit(T0) == tenants
+    for tenant in tenants:
+        assert await pg_store.usage(tenant) == (0, 2)  # (holding, active)
+        assert (await pg_store.get(f"{tenant}-2")).state is State.QUEUED
+    assert await pg_store.admit(T0) == []
 
 
 async def test_enqueue_with_a_connection_needs_the_postgres_store() -> None:

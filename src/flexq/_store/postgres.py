@@ -124,6 +124,10 @@ TCP_DEFAULTS = {
 fail within about 30 s instead of waiting for the operating system's hours. The DSN's own
 settings of these win."""
 
+ADMIT_CHUNK = 1000
+"""Tenants admitted per transaction by an admission pass: each holds an advisory lock until its
+transaction ends, and the server's lock table is finite."""
+
 LISTEN_BACKOFF = (0.1, 5.0)
 """The LISTEN connection is reopened after a pause that starts at the first and doubles up to
 the second while attempts fail (or connections fail again soon after they listen)."""
@@ -1445,14 +1449,16 @@ class PostgresStore:
 
     async def _admit_all(self, conn: Conn) -> list[str]:
         rows = await fetch_all(conn, self.sql(HOLDING_TENANTS))
-        tenants = {t for t, active in rows if active < self._limits(t).max_active_batches}
-        if not tenants:
-            return []  # the usual case: nothing locked, nothing written
-        async with conn.transaction():
-            await self._lock_tenants(conn, tenants)
-            admitted = await self._admit(conn, tenants)
-            if admitted:
-                await self._notify(conn, admitted, None)
+        tenants = sorted(t for t, active in rows if active < self._limits(t).max_active_batches)
+        admitted: set[str] = set()
+        for start in range(0, len(tenants), ADMIT_CHUNK):
+            chunk = tenants[start : start + ADMIT_CHUNK]
+            async with conn.transaction():
+                await self._lock_tenants(conn, chunk)
+                chunk_admitted = await self._admit(conn, chunk)
+                if chunk_admitted:
+                    await self._notify(conn, chunk_admitted, None)
+            admitted |= chunk_admitted
         return sorted(admitted)
 
     async def holding_order(self, tenant: str) -> list[JobId]:
