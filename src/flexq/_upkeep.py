@@ -85,14 +85,14 @@ class Upkeep:
             return
         started = anyio.current_time()
         try:
-            aborted = await self._store.renew(self._owner, held, self._clock() + self._lease)
+            renewal = await self._store.renew(self._owner, held, self._clock() + self._lease)
         except Exception as exc:
             log.error("could not renew leases", error=repr(exc))
             self._on_renewal_failed()
             return
         self._on_renewed(held, started)
-        if aborted:
-            self._on_abort_requested(aborted)
+        if renewal.aborted:
+            self._on_abort_requested(renewal.aborted)
 
     async def recover(self) -> None:
         """One recovery pass."""
