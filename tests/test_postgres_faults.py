@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from flexq._store.postgres import PostgresStore
 
 from .conftest import POSTGRES_DSN, make_queue, postgres_url
 from .test_postgres import sql, terminate
+from .test_queue import TAKE_LEASE, check_a_job_whose_lease_is_taken_is_stopped
 from .test_store_conformance import OWNER, T0, TASKS, job, put
 
 if TYPE_CHECKING:
@@ -466,6 +468,49 @@ async def test_a_job_whose_lease_could_not_be_renewed_is_stopped_not_run_twice_a
         assert running == (None if event == "start" else name), f"ran twice at once: {events}"
         running = name if event == "start" else None
     assert [event for event, _ in events].count("done") == 1
+
+
+async def test_a_job_whose_lease_another_process_took_is_stopped_not_finished(
+    pg_schema: str,
+) -> None:
+    """A job that another process took over while this one ran it (its lease had expired by
+    the other's clock) is stopped here, not run to its end."""
+
+    def take(job_id: str) -> None:
+        sql(TAKE_LEASE.format(s=f'"{pg_schema}"', p="%s"), time.time() + 60, job_id)
+
+    await check_a_job_whose_lease_is_taken_is_stopped(postgres_url(pg_schema), take)
+
+
+async def test_a_job_whose_row_another_transaction_locks_keeps_its_lease(pg_schema: str) -> None:
+    """A running job's row stays locked by another transaction for several renewals (which
+    skip it): the job is not taken for lost, and runs once, to its end."""
+    queue = make_queue(postgres_url(pg_schema), lease=1.0)
+    started = anyio.Event()
+    ends: list[str] = []
+
+    @queue.task(name="long")
+    async def long() -> None:
+        started.set()
+        try:
+            await anyio.sleep(1.5)
+        except anyio.get_cancelled_exc_class():
+            ends.append("stopped")
+            raise
+        ends.append("done")
+
+    async with queue:
+        job_id = await queue.enqueue(long)
+        await started.wait()
+        with psycopg.connect(POSTGRES_DSN) as locker:
+            locker.execute(
+                f'SELECT FROM "{pg_schema}".flexq_jobs WHERE id = %s FOR UPDATE', (job_id,)
+            )
+            await anyio.sleep(0.8)  # over two renewals, less than the lease
+            locker.rollback()
+        info = await queue.wait(job_id, timeout=10)
+    assert (info.state, info.attempts, info.errors) == (State.COMPLETED, 1, ())
+    assert ends == ["done"]
 
 
 async def test_a_job_enqueued_while_the_listen_connection_is_down_starts_when_it_returns(

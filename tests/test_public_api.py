@@ -57,6 +57,7 @@ def test_abc_exports_the_store_protocol() -> None:
         "NewJob",
         "Outcome",
         "Recovered",
+        "Renewal",
         "ScheduleFiring",
         "ScheduleRecord",
         "Store",

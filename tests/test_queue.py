@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -10,10 +13,19 @@ import anyio
 import pytest
 
 import flexq
+from flexq._store.base import Outcome, Renewal
+from flexq._store.memory import MemoryStore
 from tests.conftest import make_queue
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
     from pathlib import Path
+
+TAKE_LEASE = """
+UPDATE {s}.flexq_jobs SET lease_owner = 'another-process', lease_until = {p},
+    attempts = attempts + 1
+WHERE id = {p}"""
+"""What another process's recovery and claim of a running job leave in its row."""
 
 
 async def test_enqueue_runs_the_job_and_wait_returns_its_result(queue_url: str) -> None:
@@ -474,6 +486,103 @@ async def test_lease_is_renewed_while_a_long_job_runs(queue_url: str) -> None:
     async with queue:
         info = await queue.wait(await queue.enqueue(long), timeout=10)
     assert (info.state, info.attempts, runs) == (flexq.State.COMPLETED, 1, [1])
+
+
+async def check_a_job_whose_lease_is_taken_is_stopped(
+    url: str, take: Callable[[str], None]
+) -> None:
+    """A queue runs a long job and ``take(job_id)`` gives its lease to another process in the
+    database: within about a renewal the handler is cancelled, the queue writes nothing for
+    the job, and it goes on running later jobs."""
+    queue = make_queue(url, lease=1.0)
+    started, stopped = anyio.Event(), anyio.Event()
+    ends: list[str] = []
+
+    @queue.task(name="long")
+    async def long() -> None:
+        started.set()
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            ends.append("stopped")
+            stopped.set()
+            raise
+        ends.append("done")
+
+    @queue.task(name="quick")
+    async def quick() -> str:
+        return "ran"
+
+    async with queue:
+        job_id = await queue.enqueue(long)
+        await started.wait()
+        take(job_id)
+        with anyio.fail_after(1.0):  # the lease is renewed every third of it
+            await stopped.wait()
+        later = await queue.wait(await queue.enqueue(quick), timeout=10)
+        taken = await queue.get(job_id)
+    assert ends == ["stopped"]
+    assert (later.state, later.result) == (flexq.State.COMPLETED, "ran")
+    assert (taken.state, taken.attempts, taken.finished_at) == (flexq.State.PROCESSING, 2, None)
+    assert queue.statistics().completed == 1
+
+
+async def test_a_job_whose_lease_another_process_took_is_stopped_not_finished(
+    sqlite_url: str,
+) -> None:
+    """SQLite: a job that another process took over while this one ran it (its lease had
+    expired by the other's clock) is stopped here, not run to its end."""
+
+    def take(job_id: str) -> None:
+        path = sqlite_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute(TAKE_LEASE.format(s="main", p="?"), (time.time() + 60, job_id))
+
+    await check_a_job_whose_lease_is_taken_is_stopped(sqlite_url, take)
+
+
+class LeaseLostDuringRenewal(MemoryStore):
+    """A store whose next renewal of ``take`` first hands the job back to the queue (as a
+    recovery would), and answers only once ``claimed_again`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.take: str | None = None
+        self.claimed_again = anyio.Event()
+
+    async def renew(self, owner: str, job_ids: Collection[str], lease_until: float) -> Renewal:
+        if self.take is None or self.take not in job_ids:
+            return await super().renew(owner, job_ids, lease_until)
+        released = Outcome(self.take, flexq.State.QUEUED, release=True)
+        self.take = None
+        await self.report(owner, [released], time.time())
+        renewal = await super().renew(owner, job_ids, lease_until)
+        await self.claimed_again.wait()
+        return renewal
+
+
+async def test_a_renewal_that_lost_a_job_spares_the_attempt_claimed_since() -> None:
+    """A job lost while a renewal runs and claimed again by the same queue before the renewal
+    answers: the new attempt is not stopped, and the job completes once, without a lease
+    expiry."""
+    store = LeaseLostDuringRenewal()
+    queue = make_queue(store, lease=1.0)
+    starts: list[str] = []
+
+    @queue.task(name="job")
+    async def job() -> None:
+        starts.append("start")
+        if len(starts) == 1:
+            await anyio.sleep_forever()
+        store.claimed_again.set()
+        await anyio.sleep(0.5)
+
+    async with queue:
+        job_id = await queue.enqueue(job)
+        store.take = job_id
+        info = await queue.wait(job_id, timeout=10)
+    assert (info.state, info.attempts, info.errors) == (flexq.State.COMPLETED, 1, ())
+    assert starts == ["start", "start"]
 
 
 async def test_finished_jobs_are_pruned_after_retention(queue_url: str) -> None:

@@ -13,7 +13,7 @@ from flexq import (
     PauseScope,
     State,
 )
-from flexq.abc import EnqueueUnit, JobFilter, NewJob, Outcome, Store
+from flexq.abc import EnqueueUnit, JobFilter, NewJob, Outcome, Renewal, Store
 
 T0 = 1_700_000_000.0
 OWNER = "worker-a"
@@ -236,7 +236,7 @@ async def test_renew_extends_leases_and_reports_abort_requests(store: Store) -> 
     await put(store, job("a"), job("b"))
     await claim(store)
     assert await store.request_abort("b", T0) is State.PROCESSING
-    assert await store.renew(OWNER, ["a", "b"], T0 + 30) == ["b"]
+    assert await store.renew(OWNER, ["a", "b"], T0 + 30) == Renewal(aborted=["b"], lost=[])
     assert (await store.recover(T0 + 20, 3)).requeued == []
 
 
@@ -247,8 +247,29 @@ async def test_renew_extends_only_the_leases_named(store: Store) -> None:
     assert await claim(store, n=2) == ["a", "b"]
     other = await store.claim("other", {"acme": 1}, TASKS, T0, T0 + 10)
     assert [j.id for j in other] == ["c"]
-    assert await store.renew(OWNER, ["a", "c", "unknown"], T0 + 30) == []
+    renewal = await store.renew(OWNER, ["a", "c", "unknown"], T0 + 30)
+    assert renewal.aborted == []
+    assert sorted(renewal.lost) == ["c", "unknown"]
     assert sorted((await store.recover(T0 + 20, 3)).requeued) == ["b", "c"]
+
+
+async def test_renew_reports_the_jobs_whose_lease_the_owner_lost(store: Store) -> None:
+    """A job whose lease expired and another owner took over, and a job that ended, come back
+    from renew as lost; jobs still held do not, and only they are renewed."""
+    await put(store, job("a"), job("b"), job("c"))
+    assert await claim(store) == ["a", "b", "c"]
+    await store.renew(OWNER, ["b", "c"], T0 + 30)
+    assert (await store.recover(T0 + 20, 3)).requeued == ["a"]
+    other = await store.claim_suspect("other", TASKS, T0 + 20, T0 + 40)
+    assert other is not None
+    assert other.id == "a"
+    assert await store.report(OWNER, [Outcome("b", State.COMPLETED)], T0 + 20) == ["b"]
+    renewal = await store.renew(OWNER, ["a", "b", "c"], T0 + 50)
+    assert renewal.aborted == []
+    assert sorted(renewal.lost) == ["a", "b"]
+    recovered = await store.recover(T0 + 45, 3)
+    assert recovered.requeued == ["a"]
+    assert (await store.get("c")).state is State.PROCESSING
 
 
 async def test_abort_waiting_job_ends_it_and_final_job_refuses(store: Store) -> None:

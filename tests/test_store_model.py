@@ -752,13 +752,18 @@ class StoreComparison(RuleBasedStateMachine):
     @precondition(lambda self: self.any_in(RUNNING_STATES))
     def renew(self, owner: str, lease: float, every: int) -> None:
         """Renewing extends the owner's leases of the jobs named (every job, or every other,
-        held or not) and names those whose abort was requested."""
+        held or not), names those whose abort was requested and those the owner does not hold."""
         until = self.now + lease
         named = sorted(self.view)[::every]
         held = self.held_by(owner) & set(named)
-        found = self.agree("renew", lambda store: store.renew(owner, named, until), key=set)
+        found = self.agree(
+            "renew",
+            lambda store: store.renew(owner, named, until),
+            key=lambda renewal: (set(renewal.aborted), set(renewal.lost)),
+        )
         assert not isinstance(found, Exception), found
-        assert set(found) == {j for j in held if self.view[j].abort_requested}
+        assert set(found.aborted) == {j for j in held if self.view[j].abort_requested}
+        assert set(found.lost) == set(named) - held
         for job_id in held:
             self.leases[job_id].until = until
         self.sync()

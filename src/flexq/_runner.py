@@ -58,6 +58,8 @@ class _Attempt:
     pool: _Pool
     lease_until: float
     """When its lease runs out unless renewed, on the event loop's clock."""
+    handed_at: float
+    """When it was handed to the workers, on the event loop's clock."""
     scope: anyio.CancelScope | None = None
     """The scope of the worker while it runs this attempt's handler."""
     started: bool = False
@@ -102,7 +104,8 @@ class Runner:
     stopped before another process may take it over, and released like a job stopped at
     shutdown: if the lease is still this process's when the database is back, the job is
     queued again; if not, another process recovered it: it does not run twice at once. A
-    renewal that is merely slow, not failed, stops nothing.
+    renewal that is merely slow, not failed, stops nothing. A running job whose lease a
+    renewal finds lost (another process recovered it) is stopped, and nothing is written for it.
     """
 
     def __init__(
@@ -193,7 +196,8 @@ class Runner:
         if not self._leases.keys().isdisjoint(job.id for job in jobs):
             # Claimed again, so the lease of the earlier attempt was lost.
             self._forget([job.id for job in jobs if job.id in self._leases])
-        attempts = [_Attempt(job, pool, claimed_at + self._lease) for job in jobs]
+        now = anyio.current_time()
+        attempts = [_Attempt(job, pool, claimed_at + self._lease, now) for job in jobs]
         for attempt in attempts:
             job = attempt.job
             self._in_flight += 1
@@ -217,14 +221,25 @@ class Runner:
         """The jobs whose lease this runner holds, to renew."""
         return list(self._leases)
 
-    def renewed(self, job_ids: list[JobId], since: float) -> None:
-        """The leases of ``job_ids`` were renewed by a call that began at ``since``."""
+    def renewed(self, job_ids: list[JobId], since: float, lost: list[JobId]) -> None:
+        """The leases of ``job_ids`` were renewed by a call that began at ``since``, except
+        those of ``lost``, which this process no longer holds: another process recovered them
+        (and may run them now), or they ended. Their attempts still running are stopped."""
         if self._renewals_failing.is_set():
             self._renewals_failing = anyio.Event()
+        gone = set(lost)
+        # A job claimed again after the renewal began is a new attempt, held by this process.
+        stopped = [
+            job_id for job_id in lost
+            if (attempt := self._held.get(job_id)) is not None and attempt.handed_at < since
+        ]  # fmt: skip
+        if stopped:
+            log.warning("stopping jobs whose lease this process lost", jobs=stopped)
+            self._forget(stopped)
         until = since + self._lease
         for job_id in job_ids:
             attempt = self._leases.get(job_id)
-            if attempt is not None and attempt.lease_until < until:
+            if attempt is not None and job_id not in gone and attempt.lease_until < until:
                 attempt.lease_until = until
 
     def renewal_failed(self) -> None:

@@ -33,7 +33,7 @@ class Upkeep:
         retention: float,
         prune_interval: float,
         held: Callable[[], list[JobId]],
-        on_renewed: Callable[[list[JobId], float], None],
+        on_renewed: Callable[[list[JobId], float, list[JobId]], None],
         on_renewal_failed: Callable[[], None],
         on_abort_requested: Callable[[list[JobId]], None],
         on_recovered: Callable[[], None],
@@ -79,20 +79,21 @@ class Upkeep:
             log.error("could not record this worker's heartbeat", error=repr(exc))
 
     async def renew(self) -> None:
-        """Extend the leases of the jobs this process holds; pass on their abort requests."""
+        """Extend the leases of the jobs this process holds; pass on their abort requests and
+        the jobs whose lease it lost."""
         held = self._held()
         if not held:
             return
         started = anyio.current_time()
         try:
-            aborted = await self._store.renew(self._owner, held, self._clock() + self._lease)
+            renewal = await self._store.renew(self._owner, held, self._clock() + self._lease)
         except Exception as exc:
             log.error("could not renew leases", error=repr(exc))
             self._on_renewal_failed()
             return
-        self._on_renewed(held, started)
-        if aborted:
-            self._on_abort_requested(aborted)
+        self._on_renewed(held, started, renewal.lost)
+        if renewal.aborted:
+            self._on_abort_requested(renewal.aborted)
 
     async def recover(self) -> None:
         """One recovery pass."""

@@ -13,6 +13,7 @@ from flexq._store.base import NewJob as NewJob
 from flexq._store.base import Outcome as Outcome
 from flexq._store.base import Placement as Placement
 from flexq._store.base import Recovered as Recovered
+from flexq._store.base import Renewal as Renewal
 from flexq._store.base import ScheduleFiring as ScheduleFiring
 from flexq._store.base import ScheduleRecord as ScheduleRecord
 from flexq._store.base import Store as Store
@@ -31,6 +32,7 @@ __all__ = [
     "Outcome",
     "Placement",
     "Recovered",
+    "Renewal",
     "ScheduleFiring",
     "ScheduleRecord",
     "Store",

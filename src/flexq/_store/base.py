@@ -104,6 +104,17 @@ class Recovered:
     aborted: list[JobId]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Renewal:
+    """What :meth:`Store.renew` found of the jobs it was given."""
+
+    aborted: list[JobId]
+    """Jobs renewed whose abort was requested."""
+    lost: list[JobId]
+    """Jobs no longer running under the owner's lease: another process recovered them (and may
+    run them now), or they ended."""
+
+
 class Placement(NamedTuple):
     """Where :meth:`Store.reorder` puts a holding job in its tenant's holding queue."""
 
@@ -220,15 +231,15 @@ class Store(Protocol):
         whose abort was requested ends ABORTED rather than QUEUED.
         """
 
-    async def renew(
-        self, owner: str, job_ids: Collection[JobId], lease_until: float
-    ) -> list[JobId]:
+    async def renew(self, owner: str, job_ids: Collection[JobId], lease_until: float) -> Renewal:
         """Extend the leases ``owner`` holds on ``job_ids``; return those of them whose abort
-        was requested.
+        was requested, and those that ``owner`` no longer holds.
 
         Only the jobs named are renewed: a job that ``owner`` holds in the store without
         knowing it (a claim that committed, and whose answer the connection lost) lets its
-        lease run out and is recovered, rather than being held by nobody for ever.
+        lease run out and is recovered, rather than being held by nobody for ever. A job that
+        is merely locked by another transaction may be left unrenewed this time, but it is
+        not lost unless its committed row is no longer running under ``owner``'s lease.
         """
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:

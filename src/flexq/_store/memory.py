@@ -28,6 +28,7 @@ from flexq._store.base import (
     Outcome,
     Placement,
     Recovered,
+    Renewal,
     ScheduleFiring,
     ScheduleRecord,
     WaitFacts,
@@ -361,18 +362,18 @@ class MemoryStore:
             written.append(outcome.job_id)
         return written
 
-    async def renew(
-        self, owner: str, job_ids: Collection[JobId], lease_until: float
-    ) -> list[JobId]:
+    async def renew(self, owner: str, job_ids: Collection[JobId], lease_until: float) -> Renewal:
         await anyio.lowlevel.checkpoint()
-        aborted = []
+        renewal = Renewal(aborted=[], lost=[])
         for job_id in dict.fromkeys(job_ids):
             row = self._rows.get(job_id)
-            if row is not None and row.state in RUNNING_STATES and row.lease_owner == owner:
-                row.lease_until = lease_until
-                if row.abort_requested:
-                    aborted.append(row.job.id)
-        return aborted
+            if row is None or row.state not in RUNNING_STATES or row.lease_owner != owner:
+                renewal.lost.append(job_id)
+                continue
+            row.lease_until = lease_until
+            if row.abort_requested:
+                renewal.aborted.append(job_id)
+        return renewal
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         await anyio.lowlevel.checkpoint()

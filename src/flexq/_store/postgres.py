@@ -85,6 +85,7 @@ from flexq._store.base import (
     Outcome,
     Placement,
     Recovered,
+    Renewal,
     ScheduleFiring,
     ScheduleRecord,
     SchemaStatus,
@@ -384,14 +385,28 @@ WITH held AS (
     SELECT seq FROM {{s}}.flexq_jobs
     WHERE id = ANY(%(ids)s::text[]) AND state IN ({_RUNNING}) AND lease_owner = %(owner)s
     FOR UPDATE SKIP LOCKED
+), renewed AS (
+    UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
+    WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
+    RETURNING j.id, j.abort_requested
 )
-UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
-WHERE j.seq = ANY (ARRAY(SELECT seq FROM held))
-RETURNING j.id, j.abort_requested, {ASYNC_COMMIT}"""
-"""The jobs named, found by their ids: a job that this owner holds in the table but not in its
-runner (a claim whose answer was lost with its connection) is not renewed, and is recovered when
-its lease expires. Rows locked by a report in flight are skipped: they are being released, and
-locking them in another order than the report could deadlock."""
+SELECT
+    ARRAY(SELECT id FROM renewed WHERE abort_requested),
+    ARRAY(
+        SELECT n.id FROM unnest(%(ids)s::text[]) AS n(id)
+        WHERE NOT EXISTS (
+            SELECT FROM {{s}}.flexq_jobs AS j
+            WHERE j.id = n.id AND j.state IN ({_RUNNING}) AND j.lease_owner = %(owner)s
+        )
+    ),
+    {ASYNC_COMMIT}"""
+"""The jobs named, found by their ids, and of them those whose abort was requested and those
+the owner lost. A job that this owner holds in the table but not in its runner (a claim whose
+answer was lost with its connection) is not renewed, and is recovered when its lease expires.
+Rows locked by another transaction (a report in flight, an abort request, a dependant's enqueue)
+are skipped: locking them in another order than a report could deadlock. Whether a job was
+lost is read from its committed row without a lock, so a skipped row is not lost while the
+owner still holds it."""
 
 EXPIRED = f"""
 SELECT id, attempts, lease_expiries, abort_requested, kind, tenant FROM {{s}}.flexq_jobs
@@ -1185,12 +1200,10 @@ class PostgresStore:
                 await self._notify(conn, requeued, later)
         return [row[0] for row in rows]
 
-    async def renew(
-        self, owner: str, job_ids: Collection[JobId], lease_until: float
-    ) -> list[JobId]:
+    async def renew(self, owner: str, job_ids: Collection[JobId], lease_until: float) -> Renewal:
         params = {"owner": owner, "ids": list(job_ids), "lease_until": lease_until}
-        rows = await self._run(self._select, self.sql(RENEW), params)
-        return [job_id for job_id, abort_requested, _ in rows if abort_requested]
+        ((aborted, lost, _),) = await self._run(self._select, self.sql(RENEW), params)
+        return Renewal(aborted=aborted, lost=lost)
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         return await self._run(self._recover, now, max_lease_expiries)

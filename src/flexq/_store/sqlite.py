@@ -46,6 +46,7 @@ from flexq._store.base import (
     Outcome,
     Placement,
     Recovered,
+    Renewal,
     ScheduleFiring,
     ScheduleRecord,
     SchemaStatus,
@@ -708,24 +709,25 @@ class SQLiteStore:
                 self._admit(db, tenant)
         return written
 
-    async def renew(
-        self, owner: str, job_ids: Collection[JobId], lease_until: float
-    ) -> list[JobId]:
+    async def renew(self, owner: str, job_ids: Collection[JobId], lease_until: float) -> Renewal:
         return await self._run(self._renew, owner, list(job_ids), lease_until)
 
-    def _renew(self, owner: str, job_ids: list[JobId], lease_until: float) -> list[JobId]:
-        aborted: list[JobId] = []
+    def _renew(self, owner: str, job_ids: list[JobId], lease_until: float) -> Renewal:
+        renewal = Renewal(aborted=[], lost=[])
         with self._transaction() as db:
             for start in range(0, len(job_ids), 500):
                 chunk = job_ids[start : start + 500]
-                rows = db.execute(
-                    f"UPDATE flexq_jobs SET lease_until = ? WHERE state IN ({_RUNNING})"
-                    f" AND lease_owner = ? AND id IN ({','.join('?' * len(chunk))})"
-                    " RETURNING id, abort_requested",
-                    (lease_until, owner, *chunk),
-                ).fetchall()
-                aborted.extend(job_id for job_id, abort_requested in rows if abort_requested)
-        return aborted
+                renewed = dict(
+                    db.execute(
+                        f"UPDATE flexq_jobs SET lease_until = ? WHERE state IN ({_RUNNING})"
+                        f" AND lease_owner = ? AND id IN ({','.join('?' * len(chunk))})"
+                        " RETURNING id, abort_requested",
+                        (lease_until, owner, *chunk),
+                    ).fetchall()
+                )
+                renewal.aborted.extend(job_id for job_id, abort in renewed.items() if abort)
+                renewal.lost.extend(job_id for job_id in chunk if job_id not in renewed)
+        return renewal
 
     async def recover(self, now: float, max_lease_expiries: int) -> Recovered:
         return await self._run(self._recover, now, max_lease_expiries)
