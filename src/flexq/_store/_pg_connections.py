@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 log = structlog.get_logger("flexq")
+
 Row = tuple[Any, ...]
 Connection = psycopg.Connection[Row]
 AsyncConnection = psycopg.AsyncConnection[Row]
@@ -286,7 +287,7 @@ class ThreadConnections:
                 return conn
             self._close(conn)
         except Exception as exc:  # the thread must go on serving the calls that follow
-            log.warning("could not close a failed PostgreSQL connection", error=repr(exc))
+            log.warning("dropping a failed PostgreSQL connection failed", error=repr(exc))
         return None
 
     def _open(self) -> Connection:
