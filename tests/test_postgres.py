@@ -23,6 +23,7 @@ from flexq import (
     JobNotFound,
     LimitExceeded,
     Limits,
+    PauseScope,
     State,
     StoreError,
 )
@@ -40,6 +41,7 @@ from flexq._store.base import (
     EnqueueUnit,
     JobFilter,
     Outcome,
+    Renewal,
 )
 from flexq._store.postgres import CLAIM_DURABLE, PostgresStore
 from flexq._store.url import store_from_url
@@ -711,7 +713,7 @@ class _CountingStore(PostgresStore):
 
     async def enqueue_and_claim(
         self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
-    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob] | None]:
         self.claims_on_enqueue += 1
         return await super().enqueue_and_claim(units, now, claim)
 
@@ -754,12 +756,111 @@ async def test_a_claim_made_on_enqueue_obeys_pauses(pg_schema: str) -> None:
         await anyio.sleep(0.2)
         with anyio.fail_after(10):
             held = await queue.enqueue(probe, tenant="t1")
+            assert store.claims_on_enqueue == 1
             free = await queue.enqueue(probe, tenant="t2")
             assert (await queue.wait(free)).state is State.COMPLETED
-            assert store.claims_on_enqueue == 2
             assert (await queue.get(held)).state is State.QUEUED
             await queue.resume(tenant="t1")
             assert (await queue.wait(held)).state is State.COMPLETED
+
+
+def enqueue_claim(tenant: str = "acme", n: int = 4) -> ClaimRequest:
+    return ClaimRequest(OWNER, {tenant: n}, TASKS, T0 + 10)
+
+
+async def test_a_job_enqueued_alone_is_claimed_as_it_is_inserted(pg_store: PostgresStore) -> None:
+    """A lone ready job with nothing of its tenant waiting is written already claimed, with
+    its first attempt and this owner's lease; the lease renews and the outcome is written."""
+    results, claimed = await pg_store.enqueue_and_claim(
+        [EnqueueUnit([job("a", priority=2)], "raise")], T0, enqueue_claim()
+    )
+    assert results == [["a"]]
+    assert claimed is not None
+    assert [(c.id, c.task, c.tenant, c.attempt, c.args) for c in claimed] == [
+        ("a", "t", "acme", 1, "[1]")
+    ]
+    assert claimed[0].order[0] == -2
+    info = await pg_store.get("a")
+    assert (info.state, info.attempts, info.started_at) == (State.PROCESSING, 1, info.created_at)
+    assert await pg_store.renew(OWNER, ["a"], T0 + 20) == Renewal(aborted=[], lost=[])
+    assert await pg_store.report(OWNER, [Outcome("a", State.COMPLETED)], T0 + 1) == ["a"]
+    assert (await pg_store.get("a")).state is State.COMPLETED
+
+
+async def test_a_job_enqueued_behind_others_of_its_tenant_is_left_to_the_claim(
+    pg_store: PostgresStore,
+) -> None:
+    """A lone job whose tenant has jobs waiting for the tasks asked for is written QUEUED and
+    claims nothing: the dispatcher's claim then takes the tenant's jobs in their order."""
+    await put(pg_store, job("older"))
+    results, claimed = await pg_store.enqueue_and_claim(
+        [EnqueueUnit([job("newer", priority=5)], "raise")], T0, enqueue_claim(n=1)
+    )
+    assert (results, claimed) == ([["newer"]], None)
+    assert (await pg_store.get("newer")).state is State.QUEUED
+    assert [c.id for c in await pg_store.claim(OWNER, {"acme": 2}, TASKS, T0, T0 + 10)] == [
+        "newer", "older",
+    ]  # fmt: skip
+
+
+async def test_a_job_enqueued_alone_beside_other_work_is_claimed(pg_store: PostgresStore) -> None:
+    """Jobs waiting for another tenant, or for a task the claim does not run, do not keep a
+    lone job from being claimed as it is inserted."""
+    await put(pg_store, job("other-tenant", tenant="globex"), job("other-task", task="x"))
+    _, claimed = await pg_store.enqueue_and_claim(
+        [EnqueueUnit([job("a")], "raise")], T0, enqueue_claim()
+    )
+    assert claimed is not None
+    assert [c.id for c in claimed] == ["a"]
+    assert (await pg_store.get("other-task")).state is State.QUEUED
+
+
+async def test_a_job_enqueued_alone_wakes_other_processes_only_if_left_queued(
+    pg_store: PostgresStore,
+) -> None:
+    """With no listener of its own to count free workers, the store tells other processes of
+    a lone job it leaves QUEUED, and of none it claimed."""
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{pg_store.channel}"')
+        _, claimed = await pg_store.enqueue_and_claim(
+            [EnqueueUnit([job("a")], "raise")], T0, enqueue_claim()
+        )
+        assert claimed is not None
+        assert list(listener.notifies(timeout=0.5)) == []
+        await put(pg_store, job("waiting"))
+        while list(listener.notifies(timeout=0.5)):  # that of the plain enqueue
+            pass
+        _, claimed = await pg_store.enqueue_and_claim(
+            [EnqueueUnit([job("b")], "raise")], T0, enqueue_claim()
+        )
+        assert claimed is None
+        assert ["acme" in note.payload for note in listener.notifies(timeout=2, stop_after=1)] == [
+            True
+        ]
+
+
+@pytest.mark.parametrize(
+    ("scope", "name"),
+    [(PauseScope.QUEUE, ""), (PauseScope.TASK, "t"), (PauseScope.TENANT, "acme")],
+)
+async def test_a_paused_job_enqueued_alone_is_not_claimed(
+    pg_store: PostgresStore, scope: PauseScope, name: str
+) -> None:
+    """A pause of the queue, of the job's task or of its tenant leaves a lone job QUEUED; a
+    pause of another task or tenant does not."""
+    await pg_store.set_pause(PauseScope.TASK, "u", True, T0)
+    await pg_store.set_pause(PauseScope.TENANT, "globex", True, T0)
+    _, claimed = await pg_store.enqueue_and_claim(
+        [EnqueueUnit([job("free")], "raise")], T0, enqueue_claim()
+    )
+    assert claimed is not None
+    assert [c.id for c in claimed] == ["free"]
+    await pg_store.set_pause(scope, name, True, T0)
+    _, claimed = await pg_store.enqueue_and_claim(
+        [EnqueueUnit([job("held")], "raise")], T0, enqueue_claim()
+    )
+    assert claimed is None
+    assert (await pg_store.get("held")).state is State.QUEUED
 
 
 async def test_the_claim_made_on_enqueue_leaves_the_commit_synchronous(

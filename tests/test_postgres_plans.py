@@ -85,6 +85,22 @@ def test_claim_reads_each_tenant_and_task_off_the_ready_index(
 
 
 @pytest.mark.slow
+def test_a_job_inserted_claimed_looks_for_others_in_the_ready_index(
+    conn: psycopg.Connection[tuple[Any, ...]],
+) -> None:
+    """The insert of an idle queue's job probes flexq_jobs_ready for jobs of its tenant that
+    wait, and never scans the table."""
+    params = {
+        "id": "new", "task": "task0", "kind": "queueable", "kind_rank": 1, "tenant": "t1",
+        "priority": 0, "args": "[]", "kwargs": "{}", "max_attempts": 1, "timeout": None,
+        "run_at": 1.0, "parent_id": None, "tasks": ["task0", "task1"], **TAKE,
+    }  # fmt: skip
+    text = plan(conn, pg.INSERT_CLAIMED, params)
+    assert "using flexq_jobs_ready on flexq_jobs" in text, text
+    assert "Seq Scan on flexq_jobs" not in text, text
+
+
+@pytest.mark.slow
 def test_ready_tenants_and_suspects_use_their_partial_indexes(
     conn: psycopg.Connection[tuple[Any, ...]],
 ) -> None:

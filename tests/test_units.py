@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import anyio
 import pytest
@@ -167,6 +168,35 @@ async def test_group_commit_leader_cancelled_by_asyncio_during_its_flush() -> No
     with pytest.raises(asyncio.CancelledError):
         await leader
     assert await group.submit(3) == 30
+
+
+@ASYNCIO_ONLY
+async def test_work_run_to_its_end_within_such_work_needs_no_task_of_its_own() -> None:
+    """Inside work that runs to its end, more such work runs in the same task (one task per
+    call, not one per level), and a cancellation of the caller stops neither level."""
+    tasks: list[asyncio.Task[Any] | None] = []
+    inner_done = anyio.Event()
+
+    async def inner() -> int:
+        tasks.append(asyncio.current_task())
+        await anyio.sleep(0.05)
+        inner_done.set()
+        return 2
+
+    async def outer() -> int:
+        tasks.append(asyncio.current_task())
+        return await to_the_end(inner()) + 1
+
+    assert await to_the_end(outer()) == 3
+    assert tasks[0] is tasks[1] is not asyncio.current_task()
+    inner_done = anyio.Event()
+    caller = asyncio.ensure_future(to_the_end(outer()))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    with anyio.fail_after(2):
+        await inner_done.wait()  # the inner work went on after its caller's cancellation
 
 
 @ASYNCIO_ONLY

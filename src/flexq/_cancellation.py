@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -22,17 +23,25 @@ def on_asyncio() -> bool:
     return True
 
 
+_running_to_the_end: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+"""The tasks :func:`to_the_end` made (a task it made, not those they start)."""
+
+
 async def to_the_end(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to its end even if the caller is cancelled meanwhile; then return its
     result, or raise the caller's cancellation.
 
     Under trio an anyio shield is enough. Under asyncio it is not (``task.cancel()`` and
-    ``asyncio.timeout`` go through it), so the coroutine runs as a task of its own.
+    ``asyncio.timeout`` go through it), so the coroutine runs as a task of its own, unless the
+    caller is already such a task.
     """
     if not on_asyncio():
         with anyio.CancelScope(shield=True):
             return await coroutine
+    if asyncio.current_task() in _running_to_the_end:
+        return await coroutine  # nothing cancels this task: no task of its own needed
     task = asyncio.ensure_future(coroutine)
+    _running_to_the_end.add(task)
     cancelled: asyncio.CancelledError | None = None
     with anyio.CancelScope(shield=True):
         while not task.done():

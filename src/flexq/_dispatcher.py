@@ -165,8 +165,8 @@ class Dispatcher:
         return ClaimRequest(self._owner, wanted, pool.tasks, now + self._lease)
 
     def enqueue_claimed(self, claim: ClaimRequest, jobs: list[ClaimedJob] | None) -> None:
-        """Hand the jobs that a :meth:`claim_on_enqueue` claim got to the workers (None: the
-        enqueue failed, and claimed nothing)."""
+        """Hand the jobs that a :meth:`claim_on_enqueue` claim got to the workers (None: it
+        claimed nothing, the enqueue failed or the store left the claim to the dispatcher)."""
         self._lent -= sum(claim.wanted.values())
         if jobs is not None:
             claimed_for = self._clock() - (claim.lease_until - self._lease)

@@ -772,11 +772,11 @@ class Queue:
             claim = dispatcher.claim_on_enqueue(
                 {job.tenant for job in ready}, {job.task for job in ready}
             )
+        claimed = None
         if claim is None:
             results = await self._store.enqueue(units, now)
         else:
             assert isinstance(self._store, ClaimsOnEnqueue)
-            claimed = None
             try:
                 results, claimed = await self._store.enqueue_and_claim(units, now, claim)
             finally:
@@ -784,7 +784,7 @@ class Queue:
         written = [job for unit, result in zip(units, results, strict=True)
                    if not isinstance(result, FlexqError) for job in unit.jobs]  # fmt: skip
         later = min((job.run_at for job in written if job.run_at > now), default=None)
-        if claim is None:
+        if claim is None or claimed is None:
             tenants = {job.tenant for job in written if job.run_at <= now}
             dispatcher.notify(tenants, later, tasks={job.task for job in written})
         elif later is not None:  # the claim dealt with the ready jobs' tenants

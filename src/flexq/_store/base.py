@@ -517,11 +517,12 @@ class ClaimsOnEnqueue(Protocol):
 
     async def enqueue_and_claim(
         self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
-    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob] | None]:
         """:meth:`Store.enqueue`, then :meth:`Store.claim` of ``claim`` once the jobs are in.
 
         The jobs are durable when it returns, claimed or not; if it raises, nothing was
-        claimed.
+        claimed. None instead of the claimed jobs: the store made no claim, and leaves it to
+        the dispatcher.
         """
 
 

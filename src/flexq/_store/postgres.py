@@ -202,6 +202,50 @@ VALUES (%(id)s, %(task)s, %(kind)s, %(kind_rank)s, %(tenant)s, %(priority)s, %(s
 """One job: cheaper for the server than unnesting arrays of one element (an idle queue's
 enqueue is a round trip of its latency)."""
 
+INSERT_CLAIMED = """
+WITH f AS MATERIALIZED (
+    SELECT NOT EXISTS (
+        SELECT FROM {s}.flexq_pauses
+        WHERE scope = 'queue' OR (scope = 'task' AND name = %(task)s)
+            OR (scope = 'tenant' AND name = %(tenant)s)
+    ) AND NOT EXISTS (
+        SELECT FROM unnest(%(tasks)s::text[]) AS r(task) CROSS JOIN LATERAL (
+            SELECT FROM {s}.flexq_jobs
+            WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = %(tenant)s
+                AND task = r.task
+            ORDER BY priority DESC, kind_rank, seq
+            LIMIT 1
+        ) AS waiting
+    ) AS free
+)
+INSERT INTO {s}.flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, args, kwargs,
+    max_attempts, timeout, created_at, run_at, parent_id, attempts, started_at, lease_owner,
+    lease_until)
+SELECT %(id)s, %(task)s, %(kind)s, %(kind_rank)s, %(tenant)s, %(priority)s,
+    CASE WHEN free THEN 'PROCESSING' ELSE 'QUEUED' END, %(args)s, %(kwargs)s,
+    %(max_attempts)s, %(timeout)s, %(now)s, %(run_at)s, %(parent_id)s,
+    CASE WHEN free THEN 1 ELSE 0 END, CASE WHEN free THEN %(now)s::float8 END,
+    CASE WHEN free THEN %(owner)s::text END, CASE WHEN free THEN %(lease_until)s::float8 END
+FROM f
+RETURNING id, task, kind, tenant, priority, args, kwargs, attempts, max_attempts, timeout,
+    parent_id, kind_rank, seq, state = 'PROCESSING' AS claimed"""
+"""One ready job, inserted already claimed when :data:`CLAIM` would take it: nothing of its
+tenant waits QUEUED for the tasks asked for, and no pause holds it. Else it is inserted QUEUED.
+The row it returns is a claimed row, and whether it was claimed. Like the claim, it looks for
+waiting jobs in ``flexq_jobs_ready``, once per task and in the index's order: a mere EXISTS
+would scan the table when the planner expects many rows to match.
+
+An idle queue's enqueue is one statement, not an insert and a claim in a pipeline: its latency
+is the round trip of a plain insert, and the server does less after a sleep."""
+
+INSERT_CLAIMED_NOTIFYING = (
+    "WITH inserted AS ("
+    + INSERT_CLAIMED
+    + ")\nSELECT *, CASE WHEN NOT claimed THEN pg_notify(%(channel)s, %(payload)s) END"
+    + " FROM inserted"
+)
+""":data:`INSERT_CLAIMED` that wakes other processes if it leaves the job QUEUED."""
+
 _CLAIM = (
     "WITH"
     + _RUNNABLE
@@ -1094,12 +1138,12 @@ class PostgresStore:
 
     async def enqueue_and_claim(
         self, units: Sequence[EnqueueUnit], now: float, claim: ClaimRequest
-    ) -> tuple[list[EnqueueResult], list[ClaimedJob]]:
+    ) -> tuple[list[EnqueueResult], list[ClaimedJob] | None]:
         ready = sum(job.run_at <= now for unit in units for job in unit.jobs)
         results, rows = await self._run(
             self._enqueue_and_claim, units, now, self._tell_others(ready), claim
         )
-        return results, sorted(map(_claimed, rows), key=_by_order)
+        return results, None if rows is None else sorted(map(_claimed, rows), key=_by_order)
 
     async def _enqueue_and_claim(
         self,
@@ -1108,10 +1152,21 @@ class PostgresStore:
         now: float,
         tell_others: bool,
         claim: ClaimRequest,
-    ) -> tuple[list[EnqueueResult], list[tuple[Any, ...]]]:
+    ) -> tuple[list[EnqueueResult], list[tuple[Any, ...]] | None]:
         params = _claim_params(claim, now)
         if params is None:
             return await self._enqueue(conn, units, now, tell_others), []
+        alone = _claimable_alone(units, claim, now)
+        if alone is not None:
+            params.update(_insert_one_params(alone, now))
+            sql = INSERT_CLAIMED
+            if tell_others:
+                sql = INSERT_CLAIMED_NOTIFYING
+                params.update(channel=self.channel, payload=_payload({alone.tenant}, None))
+            row = await fetch_one(conn, self.sql(sql), params)
+            assert row is not None
+            # Not claimed: others of its tenant wait, or a pause holds it; the dispatcher claims.
+            return [[alone.id]], [row] if row[13] else None
         if not all(_plain(job) for unit in units for job in unit.jobs):
             results = await self._enqueue(conn, units, now, tell_others)
             return results, await self._select(conn, self.sql(CLAIM), params)
@@ -2114,6 +2169,19 @@ async def _run_steps(conn: Conn, steps: Generator[tuple[str, Any], tuple[Any, ..
 def _plain(job: NewJob) -> bool:
     """Whether the job is inserted as it is: no key to look up, no holding queue to join."""
     return job.key is None and job.kind is not Kind.BATCH
+
+
+def _claimable_alone(
+    units: Sequence[EnqueueUnit], claim: ClaimRequest, now: float
+) -> NewJob | None:
+    """The job of an enqueue that :data:`INSERT_CLAIMED` writes: the only one, plain, ready,
+    and of a tenant and a task the claim asks for."""
+    if len(units) != 1 or len(units[0].jobs) != 1:
+        return None
+    (job,) = units[0].jobs
+    if not _plain(job) or job.run_at > now or job.task not in claim.tasks:
+        return None
+    return job if claim.wanted.get(job.tenant, 0) > 0 else None
 
 
 def _initial_state(job: NewJob, now: float) -> State:
