@@ -204,6 +204,8 @@ class Queue:
         self._store: Store = (
             store_from_url(url, schema=schema, migrate=migrate) if isinstance(url, str) else url
         )
+        self._claimer = self._store if isinstance(self._store, ClaimsOnEnqueue) else None
+        """The store, if it claims as it enqueues (checked once: a protocol check is slow)."""
         self._limits = LimitTable(limits, tenant_limits)
         self._store.set_limits(self._limits)
         self.worker_count = workers
@@ -768,17 +770,17 @@ class Queue:
             return await self._store.enqueue(units, now)
         ready = [job for unit in units for job in unit.jobs if job.run_at <= now]
         claim = None
-        if ready and isinstance(self._store, ClaimsOnEnqueue):
+        claimer = self._claimer
+        if ready and claimer is not None:
             claim = dispatcher.claim_on_enqueue(
                 {job.tenant for job in ready}, {job.task for job in ready}
             )
         claimed = None
-        if claim is None:
+        if claim is None or claimer is None:
             results = await self._store.enqueue(units, now)
         else:
-            assert isinstance(self._store, ClaimsOnEnqueue)
             try:
-                results, claimed = await self._store.enqueue_and_claim(units, now, claim)
+                results, claimed = await claimer.enqueue_and_claim(units, now, claim)
             finally:
                 dispatcher.enqueue_claimed(claim, claimed)
         written = [job for unit, result in zip(units, results, strict=True)

@@ -19,6 +19,7 @@ transaction is never left half done.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import select
@@ -314,7 +315,9 @@ class AsyncConnections:
         self._connect = connect
         self._openings = _Openings()
         self._idle: list[AsyncConnection] = []
-        self._slots: anyio.Semaphore | None = None
+        self._slots: asyncio.Semaphore | None = None
+        """asyncio's own: a call that finds a free place goes on at once, where anyio's would
+        yield to the event loop first."""
         self._stopping = False
 
     @property
@@ -323,7 +326,7 @@ class AsyncConnections:
         return self._openings.backend_pids
 
     def start(self) -> None:
-        self._slots = anyio.Semaphore(self._size)
+        self._slots = asyncio.Semaphore(self._size)
         self._stopping = False
 
     async def stop(self) -> None:
@@ -336,7 +339,7 @@ class AsyncConnections:
         await to_the_end(self._close_all(slots))
         self._slots = None
 
-    async def _close_all(self, slots: anyio.Semaphore) -> None:
+    async def _close_all(self, slots: asyncio.Semaphore) -> None:
         for _ in range(self._size):  # after the calls that wait: the semaphore is first come
             await slots.acquire()
         idle, self._idle = self._idle, []
