@@ -13,6 +13,7 @@ import flexq
 from flexq._backoff import retry_pause
 from flexq._batching import GroupCommit
 from flexq._cancellation import to_the_end
+from flexq._parking import parking_lot
 from flexq._states import FINAL_STATES, check_transition
 
 
@@ -269,3 +270,32 @@ async def test_group_commit_flush_interrupted_by_a_base_exception() -> None:
     assert isinstance(outcomes[2], Interrupted)
     assert isinstance(outcomes[3], flexq.StoreError)
     assert "may have happened" in str(outcomes[3])
+
+
+async def test_parked_tasks_wake_as_many_as_unparked_and_leave_when_cancelled() -> None:
+    """Unparking wakes that many parked tasks and no more; a task cancelled while parked
+    leaves the lot, so the count of parked tasks stays true."""
+    lot = parking_lot()
+    woken: list[int] = []
+    scopes = [anyio.CancelScope() for _ in range(4)]
+
+    async def park(n: int) -> None:
+        with scopes[n]:
+            await lot.park()
+            woken.append(n)
+
+    async with anyio.create_task_group() as group:
+        for n in range(4):
+            group.start_soon(park, n)
+        await anyio.wait_all_tasks_blocked()
+        assert len(lot) == 4
+        lot.unpark(count=2)
+        await anyio.wait_all_tasks_blocked()
+        assert (len(woken), len(lot)) == (2, 2)
+        cancelled = next(n for n in range(4) if n not in woken)
+        scopes[cancelled].cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert len(lot) == 1
+        lot.unpark_all()
+    assert sorted(woken) == sorted(set(range(4)) - {cancelled})
+    assert len(lot) == 0

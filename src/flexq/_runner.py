@@ -15,6 +15,7 @@ from flexq._batch import BatchRun
 from flexq._callouts import current_tally
 from flexq._context import Context
 from flexq._errors import InvalidArguments, JobTimeout, NotRetried, qualified_name
+from flexq._parking import ParkingLot, parking_lot
 from flexq._serialize import dumps, loads
 from flexq._states import Kind, State
 from flexq._store.base import ClaimedJob, Outcome, error_record
@@ -43,8 +44,8 @@ class _Pool:
     size: int
     """Jobs it runs at once (the runner's reserved workers come on top of the main pool's)."""
     ready: collections.deque[_Attempt] = dataclasses.field(default_factory=collections.deque)
-    parked: list[anyio.Event] = dataclasses.field(default_factory=list)
-    """Its idle worker tasks, each waiting for its event."""
+    parked: ParkingLot = dataclasses.field(default_factory=parking_lot)
+    """Its idle worker tasks."""
     in_flight: int = 0
     unwritten: int = 0
     """Jobs it ran whose outcome is not yet written: their leases are still held."""
@@ -209,8 +210,7 @@ class Runner:
                 self._batches.add(job.id)
         pool.ready.extend(attempts)
         woken = min(len(jobs), len(pool.parked))
-        for _ in range(woken):
-            pool.parked.pop().set()
+        pool.parked.unpark(count=woken)
         if self._group is not None:
             for _ in range(min(len(jobs) - woken, pool.size - pool.started)):
                 pool.started += 1
@@ -308,8 +308,8 @@ class Runner:
     async def drain(self, grace_period: float) -> None:
         """Stop taking jobs, let running ones finish for ``grace_period``, release the rest."""
         self._closed = True
-        for parked in (*self._main.parked, *self._callouts.parked):
-            parked.set()
+        self._main.parked.unpark_all()
+        self._callouts.parked.unpark_all()
         for attempt in list(self._held.values()):
             if not attempt.started:
                 attempt.cancel("shutdown")
@@ -352,9 +352,7 @@ class Runner:
             if not pool.ready:
                 if self._closed:
                     return True
-                parked = anyio.Event()
-                pool.parked.append(parked)
-                await parked.wait()
+                await pool.parked.park()
                 continue
             attempt = pool.ready.popleft()
             if attempt.stop is not None:
