@@ -176,7 +176,7 @@ _TAKE = (
 _RUNNABLE = """
 pauses AS MATERIALIZED (SELECT scope, name FROM {s}.flexq_pauses),
 runnable AS (
-    SELECT task FROM unnest(%(tasks)s::text[]) AS r(task)
+    SELECT task FROM unnest(%(tasks)b::text[]) AS r(task)
     WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE scope = 'queue')
         AND task NOT IN (SELECT name FROM pauses WHERE scope = 'task')
 )"""
@@ -186,10 +186,10 @@ INSERT INTO {s}.flexq_jobs (id, task, kind, kind_rank, tenant, priority, state, 
     max_attempts, timeout, created_at, run_at, parent_id, key)
 SELECT id, task, kind, kind_rank, tenant, priority, state, args, kwargs, max_attempts, timeout,
     %(now)s, run_at, parent_id, key
-FROM unnest(%(id)s::text[], %(task)s::text[], %(kind)s::text[], %(kind_rank)s::int[],
-    %(tenant)s::text[], %(priority)s::int[], %(state)s::text[], %(args)s::text[],
-    %(kwargs)s::text[], %(max_attempts)s::int[], %(timeout)s::float8[], %(run_at)s::float8[],
-    %(parent_id)s::text[], %(key)s::text[])
+FROM unnest(%(id)b::text[], %(task)b::text[], %(kind)b::text[], %(kind_rank)b::int[],
+    %(tenant)b::text[], %(priority)b::int[], %(state)b::text[], %(args)b::text[],
+    %(kwargs)b::text[], %(max_attempts)b::int[], %(timeout)b::float8[], %(run_at)b::float8[],
+    %(parent_id)b::text[], %(key)b::text[])
     AS v(id, task, kind, kind_rank, tenant, priority, state, args, kwargs, max_attempts, timeout,
          run_at, parent_id, key)"""
 
@@ -209,7 +209,7 @@ WITH f AS MATERIALIZED (
         WHERE scope = 'queue' OR (scope = 'task' AND name = %(task)s)
             OR (scope = 'tenant' AND name = %(tenant)s)
     ) AND NOT EXISTS (
-        SELECT FROM unnest(%(tasks)s::text[]) AS r(task) CROSS JOIN LATERAL (
+        SELECT FROM unnest(%(tasks)b::text[]) AS r(task) CROSS JOIN LATERAL (
             SELECT FROM {s}.flexq_jobs
             WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = %(tenant)s
                 AND task = r.task
@@ -251,7 +251,7 @@ _CLAIM = (
     + _RUNNABLE
     + """,
 wanted AS (
-    SELECT tenant, n FROM unnest(%(tenants)s::text[], %(counts)s::int[]) AS w(tenant, n)
+    SELECT tenant, n FROM unnest(%(tenants)b::text[], %(counts)b::int[]) AS w(tenant, n)
     WHERE tenant NOT IN (SELECT name FROM pauses WHERE scope = 'tenant')
 ),
 candidates AS (
@@ -304,7 +304,7 @@ SELECT tenant FROM ready
 WHERE tenant IS NOT NULL AND EXISTS (
     SELECT 1 FROM {s}.flexq_jobs
     WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ready.tenant
-        AND task = ANY(%(tasks)s::text[])
+        AND task = ANY(%(tasks)b::text[])
 )
 ORDER BY tenant"""
 """A loose index scan over ``flexq_jobs_ready``: one probe per tenant with QUEUED jobs, and one
@@ -371,9 +371,9 @@ held AS MATERIALIZED (
 
 REPORT = f"""
 WITH v AS MATERIALIZED (
-    SELECT * FROM unnest(%(id)s::text[], %(state)s::text[], %(result)s::text[],
-        %(error)s::text[], %(run_at)s::float8[], %(release)s::bool[], %(retry)s::bool[],
-        %(final)s::bool[], %(callouts)s::int[])
+    SELECT * FROM unnest(%(id)b::text[], %(state)b::text[], %(result)b::text[],
+        %(error)b::text[], %(run_at)b::float8[], %(release)b::bool[], %(retry)b::bool[],
+        %(final)b::bool[], %(callouts)b::int[])
         AS v(id, state, result, error, run_at, release, retry, final, callouts)
 ),{_BY_ID.format(s="{s}", guard=" AND lease_owner = %(owner)s")}
 UPDATE {{s}}.flexq_jobs AS j SET
@@ -404,7 +404,7 @@ update, and is checked again on the locked row."""
 REPORT_DONE = """
 UPDATE {s}.flexq_jobs AS j SET state = 'COMPLETED', finished_at = %(now)s, result = NULL,
     lease_owner = NULL, lease_until = NULL
-WHERE j.id = ANY(%(id)s::text[]) AND j.lease_owner = %(owner)s
+WHERE j.id = ANY(%(id)b::text[]) AND j.lease_owner = %(owner)s
     AND NOT j.has_dependants AND j.kind <> 'batch'
 RETURNING j.id"""
 """:data:`REPORT` of jobs that completed without a value or a callout (what most reports are),
@@ -413,7 +413,7 @@ them to. It leaves out the jobs whose end has more to settle (batch jobs, and pa
 other jobs: see :data:`LOCK_PARENTS`), which the general report then writes."""
 
 LOCK_PARENTS = """
-SELECT id, state FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE"""
+SELECT id, state FROM {s}.flexq_jobs WHERE id = ANY(%b::text[]) ORDER BY id FOR NO KEY UPDATE"""
 """Locks the parents of new dependants (in id order), returning their states.
 
 A parent cannot end before this transaction commits (with the edges it adds), nor this
@@ -427,7 +427,7 @@ their edges mark it.)"""
 RENEW = f"""
 WITH held AS (
     SELECT seq FROM {{s}}.flexq_jobs
-    WHERE id = ANY(%(ids)s::text[]) AND state IN ({_RUNNING}) AND lease_owner = %(owner)s
+    WHERE id = ANY(%(ids)b::text[]) AND state IN ({_RUNNING}) AND lease_owner = %(owner)s
     FOR UPDATE SKIP LOCKED
 ), renewed AS (
     UPDATE {{s}}.flexq_jobs AS j SET lease_until = %(lease_until)s
@@ -437,7 +437,7 @@ WITH held AS (
 SELECT
     ARRAY(SELECT id FROM renewed WHERE abort_requested),
     ARRAY(
-        SELECT n.id FROM unnest(%(ids)s::text[]) AS n(id)
+        SELECT n.id FROM unnest(%(ids)b::text[]) AS n(id)
         WHERE NOT EXISTS (
             SELECT FROM {{s}}.flexq_jobs AS j
             WHERE j.id = n.id AND j.state IN ({_RUNNING}) AND j.lease_owner = %(owner)s
@@ -460,8 +460,8 @@ FOR UPDATE SKIP LOCKED"""
 
 RECOVER = f"""
 WITH v AS MATERIALIZED (
-    SELECT * FROM unnest(%(id)s::text[], %(state)s::text[], %(error)s::text[],
-        %(finished_at)s::float8[]) AS v(id, state, error, finished_at)
+    SELECT * FROM unnest(%(id)b::text[], %(state)b::text[], %(error)b::text[],
+        %(finished_at)b::float8[]) AS v(id, state, error, finished_at)
 ),{_BY_ID.format(s="{s}", guard="")}
 UPDATE {{s}}.flexq_jobs AS j SET
     state = v.state,
@@ -493,7 +493,7 @@ SELECT count(*) FROM gone"""
 
 LOCK_TENANTS = (
     "SELECT pg_advisory_xact_lock(hashtextextended(%(prefix)s || tenant, 0))"
-    " FROM unnest(%(tenants)s::text[]) AS t(tenant)"
+    " FROM unnest(%(tenants)b::text[]) AS t(tenant)"
 )
 """Lock the slot accounting and holding queues of tenants (given sorted, so that two
 transactions lock them in one order), until the transaction ends. Every transaction that puts
@@ -504,7 +504,7 @@ free slot."""
 _ONE_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 """First in a transaction of several reads: they all see the same committed state."""
 
-_ADD_BATCHES = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%s::text[])"
+_ADD_BATCHES = "INSERT INTO {s}.flexq_batches (job_id) SELECT unnest(%b::text[])"
 """The (empty) chunk counts of new batch jobs."""
 
 USAGE = f"""
@@ -517,14 +517,14 @@ HOLD = """
 UPDATE {s}.flexq_jobs AS j SET state = 'HOLDING', position = (
     SELECT coalesce(max(position), 0) FROM {s}.flexq_jobs
     WHERE tenant = %(tenant)s AND state = 'HOLDING'
-) + %(step)s * array_position(%(ids)s::text[], j.id)
-WHERE j.id = ANY(%(ids)s::text[])"""
+) + %(step)s * array_position(%(ids)b::text[], j.id)
+WHERE j.id = ANY(%(ids)b::text[])"""
 """Put jobs (new ones, HOLDING without a place yet, or released WAITING ones) at the end of
 their tenant's holding queue, in the order of ``ids``."""
 
 ADMIT = f"""
 WITH wanted AS (
-    SELECT tenant, slots FROM unnest(%(tenants)s::text[], %(slots)s::int[]) AS w(tenant, slots)
+    SELECT tenant, slots FROM unnest(%(tenants)b::text[], %(slots)b::int[]) AS w(tenant, slots)
 ),
 chosen AS (
     SELECT h.seq FROM wanted AS w CROSS JOIN LATERAL (
@@ -577,7 +577,7 @@ WITH held AS (SELECT 1 FROM {{s}}.flexq_jobs WHERE {_HELD} FOR SHARE),
 added AS (
     INSERT INTO {{s}}.flexq_chunks (job_id, idx, size, items)
     SELECT %(id)s, %(first)s + n - 1, size, items
-    FROM unnest(%(sizes)s::int[], %(items)s::text[]) WITH ORDINALITY AS c(size, items, n)
+    FROM unnest(%(sizes)b::int[], %(items)b::text[]) WITH ORDINALITY AS c(size, items, n)
     WHERE EXISTS (SELECT FROM held)
 )
 SELECT EXISTS (SELECT FROM held)"""
@@ -595,7 +595,7 @@ RETURNING id"""
 CHECKPOINT = f"""
 WITH held AS (SELECT 1 FROM {{s}}.flexq_jobs WHERE {_HELD} FOR SHARE),
 v AS (
-    SELECT * FROM unnest(%(chunk)s::int[], %(items)s::bigint[], %(error)s::text[])
+    SELECT * FROM unnest(%(chunk)b::int[], %(items)b::bigint[], %(error)b::text[])
         AS v(chunk, items, error)
 ),
 done AS (
@@ -647,7 +647,7 @@ revision moved on and updates nothing."""
 
 DUE_SCHEDULES = f"""
 SELECT {_SCHEDULE_COLUMNS} FROM {{s}}.flexq_schedules
-WHERE state = 'active' AND next_fire_time <= %(now)s AND task = ANY(%(tasks)s::text[])
+WHERE state = 'active' AND next_fire_time <= %(now)s AND task = ANY(%(tasks)b::text[])
 ORDER BY next_fire_time, name"""
 
 NEXT_SCHEDULE = """
@@ -656,13 +656,13 @@ WHERE state = 'active' AND next_fire_time > %(now)s"""
 
 RELEASE_EDGES = f"""
 DELETE FROM {{s}}.flexq_dependencies AS d USING {{s}}.flexq_jobs AS j
-WHERE d.parent_id = ANY(%(ids)s::text[]) AND j.id = d.parent_id AND j.state IN ({_FINAL})
+WHERE d.parent_id = ANY(%(ids)b::text[]) AND j.id = d.parent_id AND j.state IN ({_FINAL})
 RETURNING d.parent_id, d.child_id, d.on_parent_failure, j.state"""
 """The dependencies on those of the jobs that are final, with the state each parent ended in."""
 
 ABORT_WAITING = f"""
 WITH v AS MATERIALIZED (
-    SELECT * FROM unnest(%(id)s::text[], %(error)s::text[]) AS v(id, error)
+    SELECT * FROM unnest(%(id)b::text[], %(error)b::text[]) AS v(id, error)
 ),{_BY_ID.format(s="{s}", guard="")}
 UPDATE {{s}}.flexq_jobs AS j SET state = 'ABORTED', finished_at = %(now)s,
     errors = {_APPEND_ERROR}
@@ -673,7 +673,7 @@ RETURNING j.id"""
 RELEASE_WAITING = """
 UPDATE {s}.flexq_jobs AS j SET state = CASE WHEN j.kind = 'batch' THEN 'WAITING'
     WHEN j.run_at <= %(now)s THEN 'QUEUED' ELSE 'SCHEDULED' END
-WHERE j.id = ANY(%(ids)s::text[]) AND j.state = 'WAITING'
+WHERE j.id = ANY(%(ids)b::text[]) AND j.state = 'WAITING'
     AND NOT EXISTS (SELECT 1 FROM {s}.flexq_dependencies AS d WHERE d.child_id = j.id)
 RETURNING j.id, j.tenant, j.kind, j.state"""
 """Dependants whose last parent ended; batch jobs stay WAITING until they join their holding
@@ -685,7 +685,7 @@ CLAIM_JOBS = (
     + "\nUPDATE {s}.flexq_jobs AS j SET "
     + _TAKE
     + """
-WHERE j.id = ANY(%(ids)s::text[]) AND j.state = 'QUEUED' AND j.lease_expiries = 0
+WHERE j.id = ANY(%(ids)b::text[]) AND j.state = 'QUEUED' AND j.lease_expiries = 0
     AND j.task IN (SELECT task FROM runnable)
     AND j.tenant NOT IN (SELECT name FROM pauses WHERE scope = 'tenant')
 RETURNING """
@@ -1430,7 +1430,7 @@ class PostgresStore:
         return _info(rows[0])
 
     async def get_many(self, job_ids: Sequence[JobId]) -> list[JobInfo]:
-        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = ANY(%s::text[])")
+        sql = self.sql(f"SELECT {_INFO_COLUMNS} FROM {_INFO_FROM} WHERE id = ANY(%b::text[])")
         rows = await self._read(sql, (list(dict.fromkeys(job_ids)),))
         return [_info(row) for row in rows]
 
@@ -1910,8 +1910,8 @@ class PostgresStore:
                 await conn.execute(
                     self.sql(
                         "INSERT INTO {s}.flexq_dependencies (parent_id, child_id,"
-                        " on_parent_failure) SELECT * FROM unnest(%s::text[], %s::text[],"
-                        " %s::text[]) ON CONFLICT DO NOTHING"
+                        " on_parent_failure) SELECT * FROM unnest(%b::text[], %b::text[],"
+                        " %b::text[]) ON CONFLICT DO NOTHING"
                     ),
                     ([e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges]),
                 )
@@ -1920,7 +1920,7 @@ class PostgresStore:
                     self.sql(
                         "UPDATE {s}.flexq_jobs AS j SET finished_at = %(now)s,"
                         " errors = '[' || v.error || ']'"
-                        " FROM unnest(%(id)s::text[], %(error)s::text[]) AS v(id, error)"
+                        " FROM unnest(%(id)b::text[], %(error)b::text[]) AS v(id, error)"
                         " WHERE j.id = v.id"
                     ),
                     {"now": now, "id": [a[0] for a in aborted], "error": [a[1] for a in aborted]},
@@ -1960,7 +1960,7 @@ class PostgresStore:
             # parents of one child, the second sees the first's deleted edge.
             await conn.execute(
                 self.sql(
-                    "SELECT 1 FROM {s}.flexq_jobs WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+                    "SELECT 1 FROM {s}.flexq_jobs WHERE id = ANY(%b::text[]) ORDER BY id FOR UPDATE"
                 ),
                 (children,),
             )
