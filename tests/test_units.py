@@ -299,3 +299,25 @@ async def test_parked_tasks_wake_as_many_as_unparked_and_leave_when_cancelled() 
         lot.unpark_all()
     assert sorted(woken) == sorted(set(range(4)) - {cancelled})
     assert len(lot) == 0
+
+
+async def test_a_task_cancelled_while_parked_is_not_woken() -> None:
+    """Unparking right after a parked task was cancelled, before that task ran again, wakes
+    the others and not it."""
+    lot = parking_lot()
+    woken: list[int] = []
+    scopes = [anyio.CancelScope() for _ in range(3)]
+
+    async def park(n: int) -> None:
+        with scopes[n]:
+            await lot.park()
+            woken.append(n)
+
+    async with anyio.create_task_group() as group:
+        for n in range(3):
+            group.start_soon(park, n)
+        await anyio.wait_all_tasks_blocked()
+        scopes[2].cancel()
+        lot.unpark(count=2)
+    assert sorted(woken) == [0, 1]
+    assert len(lot) == 0

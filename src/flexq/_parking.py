@@ -52,8 +52,11 @@ class _FutureLot:
 
     def unpark(self, *, count: int) -> None:
         """Wake ``count`` tasks (or all there are), the last parked first."""
-        for _ in range(min(count, len(self._parked))):
-            self._parked.pop().set_result(None)
+        while count > 0 and self._parked:
+            parked = self._parked.pop()
+            if not parked.done():  # else cancelled, and its task not yet resumed to leave
+                parked.set_result(None)
+                count -= 1
 
     def unpark_all(self) -> None:
         self.unpark(count=len(self._parked))
