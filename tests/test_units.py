@@ -272,28 +272,38 @@ async def test_group_commit_flush_interrupted_by_a_base_exception() -> None:
     assert "may have happened" in str(outcomes[3])
 
 
+class _Parked:
+    """Tasks parked in one lot, each in a cancel scope of its own, noting when they wake."""
+
+    def __init__(self, count: int) -> None:
+        self.lot = parking_lot()
+        self.woken: list[int] = []
+        self.scopes = [anyio.CancelScope() for _ in range(count)]
+
+    def start(self, group: anyio.abc.TaskGroup) -> None:
+        for n in range(len(self.scopes)):
+            group.start_soon(self._park, n)
+
+    async def _park(self, n: int) -> None:
+        with self.scopes[n]:
+            await self.lot.park()
+            self.woken.append(n)
+
+
 async def test_parked_tasks_wake_as_many_as_unparked_and_leave_when_cancelled() -> None:
     """Unparking wakes that many parked tasks and no more; a task cancelled while parked
     leaves the lot, so the count of parked tasks stays true."""
-    lot = parking_lot()
-    woken: list[int] = []
-    scopes = [anyio.CancelScope() for _ in range(4)]
-
-    async def park(n: int) -> None:
-        with scopes[n]:
-            await lot.park()
-            woken.append(n)
-
+    parked = _Parked(4)
+    lot, woken = parked.lot, parked.woken
     async with anyio.create_task_group() as group:
-        for n in range(4):
-            group.start_soon(park, n)
+        parked.start(group)
         await anyio.wait_all_tasks_blocked()
         assert len(lot) == 4
         lot.unpark(count=2)
         await anyio.wait_all_tasks_blocked()
         assert (len(woken), len(lot)) == (2, 2)
         cancelled = next(n for n in range(4) if n not in woken)
-        scopes[cancelled].cancel()
+        parked.scopes[cancelled].cancel()
         await anyio.wait_all_tasks_blocked()
         assert len(lot) == 1
         lot.unpark_all()
@@ -304,20 +314,11 @@ async def test_parked_tasks_wake_as_many_as_unparked_and_leave_when_cancelled() 
 async def test_a_task_cancelled_while_parked_is_not_woken() -> None:
     """Unparking right after a parked task was cancelled, before that task ran again, wakes
     the others and not it."""
-    lot = parking_lot()
-    woken: list[int] = []
-    scopes = [anyio.CancelScope() for _ in range(3)]
-
-    async def park(n: int) -> None:
-        with scopes[n]:
-            await lot.park()
-            woken.append(n)
-
+    parked = _Parked(3)
     async with anyio.create_task_group() as group:
-        for n in range(3):
-            group.start_soon(park, n)
+        parked.start(group)
         await anyio.wait_all_tasks_blocked()
-        scopes[2].cancel()
-        lot.unpark(count=2)
-    assert sorted(woken) == [0, 1]
-    assert len(lot) == 0
+        parked.scopes[2].cancel()
+        parked.lot.unpark(count=2)
+    assert sorted(parked.woken) == [0, 1]
+    assert len(parked.lot) == 0
