@@ -602,7 +602,7 @@ class PostgresSizes:
 
 POSTGRES_DEFAULT = PostgresSizes(
     run_jobs=50_000,
-    workers=(64, 128, 256),
+    workers=(64, 128, 256, 512),
     processes=3,
     enqueue_jobs=20_000,
     sequential_jobs=3_000,

@@ -905,3 +905,148 @@ def test_store_code_that_awaits_anything_but_its_connection_is_refused_on_a_thre
     that raises, instead of leaving the transaction half run."""
     with pytest.raises(RuntimeError, match="awaited something other"):
         run_blocking(asyncio.sleep(0))
+
+
+class _SideBySideStore(PostgresStore):
+    """Counts the claims in flight at once, and can make each wait before or after its query."""
+
+    def __init__(self, schema: str, **options: Any) -> None:
+        super().__init__(POSTGRES_DSN, schema=schema, **options)
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.claims = 0
+        self.fail_next = False
+        self.hold = anyio.Event()
+        self.hold.set()
+        self.two_in_flight = anyio.Event()
+
+    async def claim(self, *args: Any) -> list[ClaimedJob]:
+        self.claims += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.in_flight == 2:
+            self.two_in_flight.set()
+        try:
+            await anyio.sleep(0.02)  # claims that may overlap do
+            if self.fail_next:
+                self.fail_next = False
+                raise StoreError("the claim's connection broke")
+            jobs = await super().claim(*args)
+            await self.hold.wait()
+            return jobs
+        finally:
+            self.in_flight -= 1
+
+
+def test_claims_run_side_by_side_when_the_pool_has_a_connection_to_spare() -> None:
+    assert PostgresStore(POSTGRES_DSN).parallel_claims == 2
+    assert PostgresStore(POSTGRES_DSN, connections=3).parallel_claims == 2
+    assert PostgresStore(POSTGRES_DSN, connections=2).parallel_claims == 1
+
+
+async def test_two_claims_in_flight_never_claim_more_than_the_free_workers(
+    pg_schema: str,
+) -> None:
+    """Many free workers are claimed for by two claims at once, which share them out: no more
+    jobs are held than there are workers, and each job runs once."""
+    store = _SideBySideStore(pg_schema)
+    queue = make_queue(store, workers=200)
+    runs: dict[int, int] = {}
+    running = most_running = 0
+
+    @queue.task(name="nap")
+    async def nap(n: int) -> None:
+        nonlocal running, most_running
+        runs[n] = runs.get(n, 0) + 1
+        running += 1
+        most_running = max(most_running, running)
+        await anyio.sleep(0.005)
+        running -= 1
+
+    await _fill(queue, [flexq.Call(nap, n).with_options(tenant=f"t{n % 2}") for n in range(1000)])
+    with anyio.fail_after(60):
+        async with queue:
+            while len(runs) < 1000:
+                await anyio.sleep(0.05)
+                assert queue.statistics().running <= 200
+    assert store.most_in_flight == 2
+    assert most_running <= 200
+    assert set(runs) == set(range(1000))
+    assert set(runs.values()) == {1}
+
+
+async def test_a_claim_that_fails_beside_another_loses_no_job(pg_schema: str) -> None:
+    """A claim running in a task of its own that fails is tried again after a pause; the jobs
+    it would have taken still run, once each."""
+    store = _SideBySideStore(pg_schema)
+    queue = make_queue(store, workers=200)
+    runs: dict[int, int] = {}
+    all_ran = anyio.Event()
+
+    @queue.task(name="count")
+    async def count(n: int) -> None:
+        runs[n] = runs.get(n, 0) + 1
+        if len(runs) == 500:
+            all_ran.set()
+
+    await _fill(queue, [flexq.Call(count, n) for n in range(500)])
+    store.fail_next = True
+    with anyio.fail_after(60):
+        async with queue:
+            await all_ran.wait()
+    assert not store.fail_next
+    assert set(runs.values()) == {1}
+
+
+async def test_claims_in_flight_when_the_queue_closes_leave_no_job_held(pg_schema: str) -> None:
+    """Closing the queue while two claims are under way waits for them: their jobs run or go
+    back to the queue, and none stays claimed by a process that is gone."""
+    store = _SideBySideStore(pg_schema)
+    queue = make_queue(store, workers=200, grace_period=0.5)
+    runs: dict[int, int] = {}
+
+    @queue.task(name="count")
+    async def count(n: int) -> None:
+        runs[n] = runs.get(n, 0) + 1
+
+    await _fill(queue, [flexq.Call(count, n) for n in range(500)])
+    store.hold = anyio.Event()
+
+    released_at = closed_at = 0.0
+
+    async def let_the_claims_return() -> None:
+        nonlocal released_at
+        await anyio.sleep(0.2)
+        released_at = anyio.current_time()
+        store.hold.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            async with queue:
+                await store.two_in_flight.wait()
+                group.start_soon(let_the_claims_return)
+            closed_at = anyio.current_time()
+    assert closed_at >= released_at > 0
+    counts = await _counts_after(pg_schema)
+    assert counts.get(State.PROCESSING, 0) == 0
+    assert counts.get(State.COMPLETED, 0) == len(runs)
+    assert counts.get(State.COMPLETED, 0) + counts.get(State.QUEUED, 0) == 500
+    assert set(runs.values()) <= {1}
+
+
+async def _fill(queue: flexq.Queue, calls: list[flexq.Call]) -> None:
+    """Enqueue ``calls`` while the queue is open without its workers."""
+    await queue.open()
+    try:
+        await queue.enqueue_many(calls)
+    finally:
+        await queue.close()
+
+
+async def _counts_after(schema: str) -> dict[State, int]:
+    queue = make_queue(postgres_url(schema))
+    await queue.open()
+    try:
+        return dict(await queue.counts())
+    finally:
+        await queue.close()

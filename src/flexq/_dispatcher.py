@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("flexq")
 
+SHARED_CLAIM_FLOOR = 64
+"""Claims made side by side share the free places, but none asks for fewer than this (or
+than all of them): a smaller claim costs about its round trip, and splitting it gains nothing."""
 
-@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+
+@dataclasses.dataclass(slots=True, eq=False)
 class _Pool:
     """The runner's workers, or its callout pool: the tasks whose jobs it runs, and the turns
     of the tenants that have such jobs ready."""
@@ -33,6 +37,8 @@ class _Pool:
     tasks: AbstractSet[str]
     fairness: DeficitRoundRobin
     callout: bool
+    promised: int = 0
+    """Its places promised to claims in flight: the dispatcher's, and those made on enqueue."""
 
 
 class Dispatcher:
@@ -50,6 +56,11 @@ class Dispatcher:
 
     Jobs of callout tasks are claimed for the runner's callout pool, with deficit round robin
     turns of their own, as places free up there; the other jobs for the workers.
+
+    With ``parallel_claims`` above one (a store whose claims run side by side on connections
+    of their own), up to that many claims are in flight at once, each for a share of the free
+    places: workers that free up while a claim is under way get a claim of their own at once,
+    instead of waiting for it to return.
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class Dispatcher:
         clock: Callable[[], float],
         lease: float,
         poll_interval: float,
+        parallel_claims: int = 1,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -89,8 +101,12 @@ class Dispatcher:
         self._suspects = False
         self._isolating = False
         self._reserved: list[JobId] = []
-        self._lent = 0
-        """Workers promised to claims made on enqueue (:meth:`claim_on_enqueue`) in flight."""
+        self._parallel_claims = parallel_claims
+        self._claims = 0
+        """Claims in flight in tasks of their own (with ``parallel_claims`` above one)."""
+        self._claim_failure: Exception | None = None
+        """Why the last claim in a task of its own failed, until the dispatch loop sees it."""
+        self._group: anyio.abc.TaskGroup | None = None
 
     def notify(
         self,
@@ -149,6 +165,7 @@ class Dispatcher:
         if (
             self._stopped
             or pool.fairness
+            or self._claims
             or self._reserved
             or self._isolating
             or self._suspects
@@ -161,13 +178,13 @@ class Dispatcher:
             return None
         pool.fairness.add(tenants)
         wanted = pool.fairness.allocate(free)
-        self._lent += sum(wanted.values())
+        pool.promised += sum(wanted.values())
         return ClaimRequest(self._owner, wanted, pool.tasks, now + self._lease)
 
     def enqueue_claimed(self, claim: ClaimRequest, jobs: list[ClaimedJob] | None) -> None:
         """Hand the jobs that a :meth:`claim_on_enqueue` claim got to the workers (None: it
         claimed nothing, the enqueue failed or the store left the claim to the dispatcher)."""
-        self._lent -= sum(claim.wanted.values())
+        self._pools[0].promised -= sum(claim.wanted.values())
         if jobs is not None:
             claimed_for = self._clock() - (claim.lease_until - self._lease)
             self._take(self._pools[0], claim.wanted, jobs, anyio.current_time() - claimed_for)
@@ -179,13 +196,16 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and hand over jobs until stopped or cancelled; then wait for the claims made
-        on enqueue that are still in flight to reach the workers."""
+        """Claim and hand over jobs until stopped or cancelled; then wait for the claims still
+        in flight to reach the workers."""
         try:
-            await self._run()
+            async with anyio.create_task_group() as group:
+                self._group = group
+                await self._run()
         finally:
+            self._group = None
             with anyio.CancelScope(shield=True):
-                while self._lent:
+                while self._pools[0].promised:
                     self._wake = anyio.Event()
                     await self._wake.wait()
 
@@ -219,8 +239,12 @@ class Dispatcher:
         if self._next_run_at is not None:
             deadline = min(deadline, self._next_run_at)
         wait = deadline - now
-        blocked = (self._isolating or self._suspects) and self._runner.in_flight
-        if not blocked and any(pool.fairness and self._free(pool) for pool in self._pools):
+        blocked = (self._isolating or self._suspects) and self._busy
+        if (
+            not blocked
+            and self._claims < self._parallel_claims
+            and any(pool.fairness and self._free(pool) for pool in self._pools)
+        ):
             wait = 0.0
         if wait > 0:
             with anyio.move_on_after(wait):
@@ -229,7 +253,15 @@ class Dispatcher:
             await anyio.lowlevel.checkpoint()
         self._wake = anyio.Event()
 
+    @property
+    def _busy(self) -> bool:
+        """Whether jobs are held or claims are in flight: a suspect must wait."""
+        return bool(self._runner.in_flight or self._claims)
+
     async def _dispatch(self) -> None:
+        if self._claim_failure is not None:  # the loop pauses as after any failed dispatch
+            failure, self._claim_failure = self._claim_failure, None
+            raise failure
         now = self._clock()
         if now >= self._next_poll or (self._next_run_at is not None and self._next_run_at <= now):
             tenants, self._next_run_at = await self._store.promote(now)
@@ -242,7 +274,7 @@ class Dispatcher:
             self._suspects = await self._store.has_suspects(self._tasks)
             self._next_poll = self._clock() + self._poll_interval
         if self._isolating or self._suspects:
-            if self._runner.in_flight:
+            if self._busy:
                 return
             self._isolating = False
             if self._suspects and await self._run_suspect():
@@ -251,27 +283,50 @@ class Dispatcher:
             await self._claim_for(pool)
 
     def _free(self, pool: _Pool) -> int:
-        if pool.callout:
-            return self._runner.callout_free
-        return max(self._runner.free_slots - self._lent, 0)
+        places = self._runner.callout_free if pool.callout else self._runner.free_slots
+        return max(places - pool.promised, 0)
 
     async def _claim_for(self, pool: _Pool) -> None:
-        """Claim jobs of the pool's tasks for its free places, tenant by tenant."""
+        """Claim jobs of the pool's tasks for its free places, tenant by tenant: in this task,
+        or in tasks of their own while fewer than ``parallel_claims`` are in flight."""
         # Overload may begin during the store calls above: no claim once it has.
         while (
             not self._stopped
             and pool.fairness
             and not self._monitor.overloaded
+            and self._claims < self._parallel_claims
             and (free := self._free(pool)) > 0
         ):
-            wanted = pool.fairness.allocate(free)
+            share = max(
+                free // (self._parallel_claims - self._claims), min(free, SHARED_CLAIM_FLOOR)
+            )
+            wanted = pool.fairness.allocate(share)
+            asked = sum(wanted.values())
+            pool.promised += asked
+            if self._parallel_claims == 1 or self._group is None:
+                await self._claim(pool, wanted, asked)
+            else:
+                self._claims += 1
+                self._group.start_soon(self._claim_aside, pool, wanted, asked)
+
+    async def _claim(self, pool: _Pool, wanted: Mapping[str, int], asked: int) -> None:
+        """Claim ``wanted`` jobs, whose ``asked`` places are promised, and hand them over (if
+        the queue began to close meanwhile, the runner releases them as it drains)."""
+        try:
             now, started = self._clock(), anyio.current_time()
             jobs = await self._store.claim(self._owner, wanted, pool.tasks, now, now + self._lease)
-            if self._stopped:
-                # The queue began to close while we claimed: the runner releases these.
-                self._runner.submit(jobs, claimed_at=started, callout=pool.callout)
-                return
-            self._take(pool, wanted, jobs, started)
+        finally:
+            pool.promised -= asked
+        self._take(pool, wanted, jobs, started)
+
+    async def _claim_aside(self, pool: _Pool, wanted: Mapping[str, int], asked: int) -> None:
+        try:
+            await self._claim(pool, wanted, asked)
+        except Exception as exc:
+            self._claim_failure = exc
+        finally:
+            self._claims -= 1
+            self._wake.set()
 
     def _take(
         self, pool: _Pool, wanted: Mapping[str, int], jobs: list[ClaimedJob], claimed_at: float

@@ -46,6 +46,7 @@ from flexq._schedules import DEFAULT_MISFIRE, Cron, Scheduler, check_misfire, sc
 from flexq._serialize import dumps
 from flexq._states import Kind, State
 from flexq._store.base import (
+    ClaimsInParallel,
     ClaimsOnEnqueue,
     DependentJob,
     EnqueueResult,
@@ -467,6 +468,9 @@ class Queue:
             worker_tasks=TaskNames(self._tasks, callout=False),
             callout_tasks=TaskNames(self._tasks, callout=True),
             callout_fairness=DeficitRoundRobin(self._weights),
+            parallel_claims=(
+                self._store.parallel_claims if isinstance(self._store, ClaimsInParallel) else 1
+            ),
         )  # fmt: skip
         upkeep = Upkeep(
             store=self._store, owner=self._owner, clock=self._clock, lease=self.lease,

@@ -526,6 +526,15 @@ class ClaimsOnEnqueue(Protocol):
         """
 
 
+@runtime_checkable
+class ClaimsInParallel(Protocol):
+    """A store whose claims run side by side, each on a connection of its own."""
+
+    @property
+    def parallel_claims(self) -> int:
+        """How many claims the dispatcher may have in flight at once (the others: one)."""
+
+
 def checked_outcomes(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Validate outcomes before any is written; keep the first one of each job.
 
