@@ -305,15 +305,22 @@ WITH RECURSIVE ready(tenant) AS (
 )
 SELECT tenant FROM ready
 WHERE tenant IS NOT NULL AND EXISTS (
-    SELECT 1 FROM {s}.flexq_jobs
-    WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ready.tenant
-        AND task = ANY(%(tasks)b::text[])
+    SELECT FROM unnest(%(tasks)b::text[]) AS r(task) CROSS JOIN LATERAL (
+        SELECT FROM {s}.flexq_jobs
+        WHERE state = 'QUEUED' AND lease_expiries = 0 AND tenant = ready.tenant
+            AND task = r.task
+        ORDER BY priority DESC, kind_rank, seq
+        LIMIT 1
+    ) AS waiting
 )
 ORDER BY tenant"""
 """A loose index scan over ``flexq_jobs_ready``: one probe per tenant with QUEUED jobs, and one
 per such tenant and task asked for. There is no second index over (task, tenant), as the
 SQLite store has: without statistics (a new table) PostgreSQL's planner would claim through it
-and sort a tenant's whole backlog."""
+and sort a tenant's whole backlog. Each probe for a task is a lateral subquery with a limit,
+in the index's order: with statistics older than a fast-growing backlog, the planner turned a
+plain EXISTS into a hash join over every ready job of the tasks (96 ms, every poll, at 130,000
+waiting jobs), and without the order it would rather scan the table for a first match."""
 
 _SUSPECT = """
 SELECT seq FROM {s}.flexq_jobs
