@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ from flexq._batching import GroupCommit
 from flexq._cancellation import to_the_end
 from flexq._parking import parking_lot
 from flexq._states import FINAL_STATES, check_transition
+from flexq._store._thread import DatabaseThread
 
 
 def test_final_states_lead_nowhere_and_every_state_is_in_the_table() -> None:
@@ -322,3 +324,37 @@ async def test_a_task_cancelled_while_parked_is_not_woken() -> None:
         parked.lot.unpark(count=2)
     assert sorted(parked.woken) == [0, 1]
     assert len(parked.lot) == 0
+
+
+async def test_a_call_on_a_database_thread_ends_before_its_cancelled_caller_goes_on() -> None:
+    """Cancelling the caller of a blocking call does not abandon it: the caller waits for the
+    call to end (a transaction is never left half done); the thread serves the next call."""
+    thread = DatabaseThread("flexq-test")
+    thread.start()
+    release = threading.Event()
+    ended: list[int] = []
+    seen_by_caller: list[int] = []
+    scope = anyio.CancelScope()
+
+    def slow() -> int:
+        release.wait(10)
+        ended.append(1)
+        return 1
+
+    async def caller() -> None:
+        with scope:
+            await thread.run(slow)
+        seen_by_caller.append(len(ended))
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(caller)
+            await anyio.sleep(0.05)
+            scope.cancel()
+            await anyio.sleep(0.05)
+            assert not seen_by_caller  # cancelled, and still waiting for the call
+            release.set()
+        assert seen_by_caller == [1]
+        assert await thread.run(lambda: 2) == 2
+    finally:
+        await thread.stop()

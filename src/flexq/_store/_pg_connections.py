@@ -35,7 +35,7 @@ from psycopg.pq import TransactionStatus
 
 from flexq._cancellation import to_the_end
 from flexq._errors import FlexqError
-from flexq._store._thread import _Call
+from flexq._store._thread import _Call, _EventCall, call_type
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -230,6 +230,7 @@ class ThreadConnections:
         self._openings = _Openings()
         self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._call_type: type[_Call[Any]] = _EventCall
 
     @property
     def backend_pids(self) -> set[int]:
@@ -237,6 +238,7 @@ class ThreadConnections:
         return self._openings.backend_pids
 
     def start(self) -> None:
+        self._call_type = call_type()
         self._threads = [
             threading.Thread(target=self._serve, name=f"{self._name}-{i}", daemon=True)
             for i in range(self._size)
@@ -254,7 +256,7 @@ class ThreadConnections:
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         if not self._threads:
             raise FlexqError("the PostgreSQL store is not open")
-        call: _Call[Any] = _Call(fn, args)  # the thread stores the coroutine's result
+        call = self._call_type(fn, args)  # the thread stores the coroutine's result
         self._calls.put(call)
         result: T = await call.outcome()
         return result

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import anyio.to_thread
 
+from flexq._cancellation import on_asyncio
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -23,24 +25,86 @@ T = TypeVar("T")
 
 
 class _Call(Generic[T]):
-    __slots__ = ("args", "done", "error", "fn", "notify", "result")
+    """A call for a thread to run: the function, its arguments, and then its outcome, which
+    the thread reports with :meth:`notify`."""
+
+    __slots__ = ("args", "error", "fn", "result")
 
     def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.fn = fn
         self.args = args
         self.result: T | None = None
         self.error: BaseException | None = None
-        self.done = anyio.Event()
-        self.notify = _threadsafe(self.done.set)
+
+    def notify(self) -> None:
+        """Wake the caller: the call ended (any thread may call this)."""
+        raise NotImplementedError
 
     async def outcome(self) -> T:
         """Wait for the call to end, even if cancelled meanwhile; return its result or raise
-        its error."""
-        with anyio.CancelScope(shield=True):
-            await self.done.wait()
+        its error. The caller queues the call and awaits this with no checkpoint between."""
+        raise NotImplementedError
+
+    def _unwrap(self) -> T:
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
+
+
+class _EventCall(_Call[T]):
+    """A call whose caller waits on an event that the thread sets through the loop."""
+
+    __slots__ = ("_done", "_set_done")
+
+    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        super().__init__(fn, args)
+        self._done = anyio.Event()
+        self._set_done = _threadsafe(self._done.set)
+
+    def notify(self) -> None:
+        self._set_done()
+
+    async def outcome(self) -> T:
+        with anyio.CancelScope(shield=True):
+            await self._done.wait()
+        return self._unwrap()
+
+
+class _TrioCall(_Call[T]):
+    """A call whose caller, a trio task, sleeps until the thread reschedules it: after an idle
+    pause this costs about 0.1 ms less per call than an event in a shielded scope."""
+
+    __slots__ = ("_task", "_token")
+
+    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        import trio
+
+        super().__init__(fn, args)
+        self._task = trio.lowlevel.current_task()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def notify(self) -> None:
+        import trio
+
+        with contextlib.suppress(trio.RunFinishedError):  # nobody waits any more
+            self._token.run_sync_soon(trio.lowlevel.reschedule, self._task)
+
+    async def outcome(self) -> T:
+        import trio
+
+        await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
+        return self._unwrap()
+
+
+def _refuse_abort(_: object) -> Any:
+    import trio
+
+    return trio.lowlevel.Abort.FAILED  # the thread will reschedule the task
+
+
+def call_type() -> type[_Call[Any]]:
+    """The kind of call for the current event loop's tasks to make."""
+    return _EventCall if on_asyncio() else _TrioCall
 
 
 class DatabaseThread:
@@ -50,6 +114,7 @@ class DatabaseThread:
         self._name = name
         self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._call_type: type[_Call[Any]] = _EventCall
 
     @property
     def running(self) -> bool:
@@ -57,7 +122,8 @@ class DatabaseThread:
         return self._thread is not None
 
     def start(self) -> None:
-        """Start the thread."""
+        """Start the thread, to be called from the event loop's tasks."""
+        self._call_type = call_type()
         self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
         self._thread.start()
 
@@ -74,7 +140,7 @@ class DatabaseThread:
         Cancelling the caller does not stop a call that was queued: it waits for it to end, so
         that a transaction is never abandoned half done.
         """
-        call = _Call(fn, args)
+        call: _Call[T] = self._call_type(fn, args)
         self._calls.put(call)
         return await call.outcome()
 
