@@ -35,7 +35,7 @@ from psycopg.pq import TransactionStatus
 
 from flexq._cancellation import to_the_end
 from flexq._errors import FlexqError
-from flexq._store._thread import _Call, _EventCall, call_type
+from flexq._store._thread import Call, EventCall, call_type
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -228,9 +228,9 @@ class ThreadConnections:
         self._size = size
         self._connect = connect
         self._openings = _Openings()
-        self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[Call[Any] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._call_type: type[_Call[Any]] = _EventCall
+        self._call_type: type[Call[Any]] = EventCall
 
     @property
     def backend_pids(self) -> set[int]:

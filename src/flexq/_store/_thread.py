@@ -21,10 +21,12 @@ from flexq._cancellation import on_asyncio
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import trio
+
 T = TypeVar("T")
 
 
-class _Call(Generic[T]):
+class Call(Generic[T]):
     """A call for a thread to run: the function, its arguments, and then its outcome, which
     the thread reports with :meth:`notify`."""
 
@@ -51,7 +53,7 @@ class _Call(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
-class _EventCall(_Call[T]):
+class EventCall(Call[T]):
     """A call whose caller waits on an event that the thread sets through the loop."""
 
     __slots__ = ("_done", "_set_done")
@@ -70,7 +72,7 @@ class _EventCall(_Call[T]):
         return self._unwrap()
 
 
-class _TrioCall(_Call[T]):
+class TrioCall(Call[T]):
     """A call whose caller, a trio task, sleeps until the thread reschedules it: after an idle
     pause this costs about 0.1 ms less per call than an event in a shielded scope."""
 
@@ -96,15 +98,15 @@ class _TrioCall(_Call[T]):
         return self._unwrap()
 
 
-def _refuse_abort(_: object) -> Any:
+def _refuse_abort(_: object) -> trio.lowlevel.Abort:
     import trio
 
     return trio.lowlevel.Abort.FAILED  # the thread will reschedule the task
 
 
-def call_type() -> type[_Call[Any]]:
+def call_type() -> type[Call[Any]]:
     """The kind of call for the current event loop's tasks to make."""
-    return _EventCall if on_asyncio() else _TrioCall
+    return EventCall if on_asyncio() else TrioCall
 
 
 class DatabaseThread:
@@ -112,9 +114,9 @@ class DatabaseThread:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[Call[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._call_type: type[_Call[Any]] = _EventCall
+        self._call_type: type[Call[Any]] = EventCall
 
     @property
     def running(self) -> bool:
@@ -140,7 +142,7 @@ class DatabaseThread:
         Cancelling the caller does not stop a call that was queued: it waits for it to end, so
         that a transaction is never abandoned half done.
         """
-        call: _Call[T] = self._call_type(fn, args)
+        call: Call[T] = self._call_type(fn, args)
         self._calls.put(call)
         return await call.outcome()
 
