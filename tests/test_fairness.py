@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import random
 
 import anyio
 import pytest
@@ -87,6 +88,40 @@ def test_deficit_round_robin_weights_and_leaving() -> None:
     drr.discard("tiny")
     assert not drr
     assert drr.allocate(3) == {}
+
+
+class _TurnByTurn(DeficitRoundRobin):
+    """Deficit round robin as the textbook says it: one turn at a time, however many."""
+
+    def allocate(self, capacity: int) -> dict[str, int]:
+        shares: dict[str, int] = {}
+        while capacity > 0 and self:
+            capacity = self._turn(capacity, shares)
+        return shares
+
+
+@pytest.mark.parametrize("weights", [{}, {"t1": 3.0, "t4": 2.0}, {"t1": 2.5, "t2": 0.3}])
+def test_deficit_round_robin_shares_many_slots_as_it_shares_one_turn_at_a_time(
+    weights: dict[str, float],
+) -> None:
+    """Whole rounds handed out at once give each tenant what turn after turn would, and
+    leave the same turn and deficits: across calls, joins and departures."""
+    rng = random.Random(7)
+    fast, slow = DeficitRoundRobin(weights), _TurnByTurn(weights)
+    for _ in range(2000):
+        action = rng.random()
+        if action < 0.1:
+            tenants = [f"t{rng.randrange(8)}" for _ in range(rng.randrange(1, 4))]
+            fast.add(tenants)
+            slow.add(tenants)
+        elif action < 0.15:
+            tenant = f"t{rng.randrange(8)}"
+            fast.discard(tenant)
+            slow.discard(tenant)
+        else:
+            capacity = rng.choice([1, 2, 3, 7, 64, 256, 1000])
+            assert fast.allocate(capacity) == slow.allocate(capacity)
+        assert fast.active == slow.active
 
 
 def test_deficit_round_robin_rejects_bad_weights() -> None:

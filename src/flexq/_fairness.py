@@ -67,15 +67,42 @@ class DeficitRoundRobin:
         calls, so handing out one slot at a time gives the same shares as handing out many.
         """
         shares: dict[str, int] = {}
+        capacity = self._turn(capacity, shares)
+        if capacity > 0 and self._ring:
+            capacity = self._whole_rounds(capacity, shares)
         while capacity > 0 and self._ring:
-            tenant = self._ring[self._next]
-            if self._deficit[tenant] < 1:
-                self._deficit[tenant] += self.weight(tenant)
-            take = min(int(self._deficit[tenant]), capacity)
-            if take:
-                shares[tenant] = shares.get(tenant, 0) + take
-                self._deficit[tenant] -= take
-                capacity -= take
-            if self._deficit[tenant] < 1:
-                self._next = (self._next + 1) % len(self._ring)
+            capacity = self._turn(capacity, shares)
         return shares
+
+    def _turn(self, capacity: int, shares: dict[str, int]) -> int:
+        """Let the tenant whose turn it is take what its deficit holds; the capacity left."""
+        if not self._ring:
+            return capacity
+        tenant = self._ring[self._next]
+        if self._deficit[tenant] < 1:
+            self._deficit[tenant] += self.weight(tenant)
+        take = min(int(self._deficit[tenant]), capacity)
+        if take:
+            shares[tenant] = shares.get(tenant, 0) + take
+            self._deficit[tenant] -= take
+            capacity -= take
+        if self._deficit[tenant] < 1:
+            self._next = (self._next + 1) % len(self._ring)
+        return capacity
+
+    def _whole_rounds(self, capacity: int, shares: dict[str, int]) -> int:
+        """Hand out as many whole rounds of turns at once as ``capacity`` holds, when every
+        weight in the ring is whole: turn by turn, a claim of 256 slots for one tenant took
+        256 turns. Called between turns, when no deficit is left (with whole weights, a turn
+        spends all of it), so a round gives each tenant its weight, exactly as turn by turn.
+        The capacity left."""
+        ring = self.active
+        weights = [self.weight(tenant) for tenant in ring]
+        if not all(weight.is_integer() for weight in weights):
+            return capacity
+        rounds = capacity // int(sum(weights))
+        if rounds:
+            for tenant, weight in zip(ring, weights, strict=True):
+                shares[tenant] = shares.get(tenant, 0) + int(weight) * rounds
+            capacity -= int(sum(weights)) * rounds
+        return capacity
