@@ -100,9 +100,9 @@ class DeficitRoundRobin:
         weights = [self.weight(tenant) for tenant in ring]
         if not all(weight.is_integer() for weight in weights):
             return capacity
-        rounds = capacity // int(sum(weights))
+        size = int(sum(weights))
+        rounds = capacity // size
         if rounds:
             for tenant, weight in zip(ring, weights, strict=True):
                 shares[tenant] = shares.get(tenant, 0) + int(weight) * rounds
-            capacity -= int(sum(weights)) * rounds
-        return capacity
+        return capacity - size * rounds

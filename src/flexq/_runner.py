@@ -35,7 +35,7 @@ log = structlog.get_logger("flexq")
 WORK_SLICE = 0.001
 """How long, in seconds, a worker with more jobs ready runs them back to back before it lets
 the event loop's other tasks run (jobs that suspend let them run anyway). A yield after every
-job costs a round of the event loop per job: a fifth of a no-op job's cost."""
+job costs a round of the event loop per job: up to a fifth of a no-op job's cost."""
 LEASE_CHECKS = 20
 """How often per lease, while renewals fail (the database is away), the runner looks for
 running jobs whose lease would run out within two looks, to stop them before another process

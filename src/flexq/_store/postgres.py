@@ -2247,8 +2247,9 @@ _KINDS = {str(kind): kind for kind in Kind}
 
 def _claimed(row: tuple[Any, ...]) -> ClaimedJob:
     return ClaimedJob(
-        row[0], row[1], _KINDS[row[2]], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10], (-row[4], row[11], row[12]),
+        id=row[0], task=row[1], kind=_KINDS[row[2]], tenant=row[3], priority=row[4],
+        args=row[5], kwargs=row[6], attempt=row[7], max_attempts=row[8], timeout=row[9],
+        parent_id=row[10], order=(-row[4], row[11], row[12]),
     )  # fmt: skip
 
 
